@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -79,7 +79,7 @@ def _folder_source(inbox: Path) -> dict[str, object]:
 
 
 def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then_starts_as_it_was(
-    open_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch, broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """The state of a station with a run open is copied back by root (`cp -r`: root's files, mode
     0644). The station's user may read them, not write them: the start exits 78 naming the files,
@@ -87,76 +87,71 @@ def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then
     takes the run back."""
     prefix, user = _as_station_user()
     credentials, state, inbox, pool = _credentials_state_and_pool(open_dir, monkeypatch)
-    broker = MosquittoBroker(open_dir / "broker", MQTT_USERS)
-    broker.start()
+    broker = broker_with()
+    source = _folder_source(inbox)
+    config = write_station(open_dir, broker.port, source=source,
+                           specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
+    first = DaemonProcess(config, pool)
+    for i in range(3):
+        (inbox / f"f{i}.png").write_bytes(_png(3000 + i))
+    assert wait_until(lambda: len(first.stored()) >= 3 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
+    first.signal(signal.SIGKILL)  # the board dies with the run open
+    first.wait(10)
+    backup = open_dir / "backup"
+    shutil.copytree(state, backup)
+    shutil.rmtree(state)
+    subprocess.run(["cp", "-r", str(backup), str(state)], check=True)  # restored by root
+    if prefix:
+        for p in (credentials, credentials / "mqtt-password", state):
+            os.chown(p, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)  # as systemd leaves them
+    else:
+        for p in state.rglob("*"):
+            p.chmod(p.stat().st_mode & ~0o222)
+    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+
+    code = _DAEMON_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
+    command = [*prefix, sys.executable, "-c", code, str(config), str(pool)]
+    refused = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 78, refused.stderr[-3000:]
+    said = refused.stderr
+    assert "Traceback" not in said, said[-3000:]
+    assert "mqtt.outbox.path: " in said and f"{state / 'outbox.sqlite3'} (owner " in said, said
+    assert f"cannot be read and written by user {user}" in said, said
+    if prefix:
+        assert "owner root:root, mode 0644" in said, said
+    assert f"chown {user}:" in said and f" {state / 'outbox.sqlite3'} " in said, said
+    assert "review.directory: " in said and "source.path: " in said, said
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before  # nothing changed
+
+    if prefix:  # the chowns the station named, as printed
+        for line in said.splitlines():
+            subprocess.run(line.split("Give them back to it: sudo ")[1].split(), check=True)
+    else:
+        for p in state.rglob("*"):
+            p.chmod(p.stat().st_mode | 0o200)
+    again = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        source = _folder_source(inbox)
-        config = write_station(open_dir, broker.port, source=source,
-                               specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
-        first = DaemonProcess(config, pool)
-        for i in range(3):
-            (inbox / f"f{i}.png").write_bytes(_png(3000 + i))
-        assert wait_until(lambda: len(first.stored()) >= 3 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
-        first.signal(signal.SIGKILL)  # the board dies with the run open
-        first.wait(10)
-        backup = open_dir / "backup"
-        shutil.copytree(state, backup)
-        shutil.rmtree(state)
-        subprocess.run(["cp", "-r", str(backup), str(state)], check=True)  # restored by root
-        if prefix:
-            for p in (credentials, credentials / "mqtt-password", state):
-                os.chown(p, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)  # as systemd leaves them
-        else:
-            for p in state.rglob("*"):
-                p.chmod(p.stat().st_mode & ~0o222)
-        before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
-
-        code = _DAEMON_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
-        command = [*prefix, sys.executable, "-c", code, str(config), str(pool)]
-        refused = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
-        assert refused.returncode == 78, refused.stderr[-3000:]
-        said = refused.stderr
-        assert "Traceback" not in said, said[-3000:]
-        assert "mqtt.outbox.path: " in said and f"{state / 'outbox.sqlite3'} (owner " in said, said
-        assert f"cannot be read and written by user {user}" in said, said
-        if prefix:
-            assert "owner root:root, mode 0644" in said, said
-        assert f"chown {user}:" in said and f" {state / 'outbox.sqlite3'} " in said, said
-        assert "review.directory: " in said and "source.path: " in said, said
-        assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before  # nothing changed
-
-        if prefix:  # the chowns the station named, as printed
-            for line in said.splitlines():
-                subprocess.run(line.split("Give them back to it: sudo ")[1].split(), check=True)
-        else:
-            for p in state.rglob("*"):
-                p.chmod(p.stat().st_mode | 0o200)
-        again = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            lines: list[str] = []
-            assert again.stderr is not None
-            for line in again.stderr:
-                lines.append(line)
-                if "resumed: left open by the previous process" in line:
-                    break
-            assert any("resumed: left open by the previous process" in ln and "3 fields" in ln for ln in lines), lines
-        finally:
-            again.send_signal(signal.SIGTERM)
-            assert again.wait(60) == 0
+        lines: list[str] = []
+        assert again.stderr is not None
+        for line in again.stderr:
+            lines.append(line)
+            if "resumed: left open by the previous process" in line:
+                break
+        assert any("resumed: left open by the previous process" in ln and "3 fields" in ln for ln in lines), lines
     finally:
-        broker.stop()
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0
 
 
 def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station_runs_without_it(
-    open_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch, broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """Only the review folder came back as root's (mode 0750: the station's user cannot even
     enter it). The station starts, says at ERROR which folder and the chown, and runs on without
     its gallery (as with any review folder it cannot write), not a traceback at every restart."""
     prefix, user = _as_station_user()
     credentials, state, inbox, pool = _credentials_state_and_pool(open_dir, monkeypatch)
-    broker = MosquittoBroker(open_dir / "broker", MQTT_USERS)
-    broker.start()
+    broker = broker_with()
     try:
         source = _folder_source(inbox)
         config = write_station(open_dir, broker.port, source=source)
@@ -196,7 +191,6 @@ def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station
     finally:
         if not prefix:
             (state / "review").chmod(0o750)
-        broker.stop()
 
 
 def _retained_run_error(lines: list[str]) -> list[str]:
@@ -215,7 +209,8 @@ def _said_a_run_its_state_lacks(config: Path, pool: Path) -> tuple[DaemonProcess
     return process, _retained_run_error(process.lines)
 
 
-def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path, credentials_dir: Path) -> None:
+def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(
+        tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker]) -> None:
     """A station's state saved with a run open (5 fields); the station goes on (that run completes
     with 10 fields, the next too, a third is open with 5) and dies. The saved state, restored and
     started past the idle timeout, closes its open run again with the 5 fields it holds (end
@@ -227,8 +222,7 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
     inbox.mkdir(parents=True)
     pool = tmp_path / "pool.pkl"
     pool.write_bytes(pickle.dumps(list(oracle_pool())))
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
+    broker = broker_with(persistence=True)
     idle_s = 3.0
     started: list[DaemonProcess] = []  # killed at the end whatever failed: none left running
     try:
@@ -318,7 +312,6 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
     finally:
         for daemon in started:
             daemon.signal(signal.SIGKILL)
-        broker.stop()
 
 
 def test_a_typed_cells_file_the_station_does_not_use_is_not_said(open_dir: Path) -> None:

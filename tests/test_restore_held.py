@@ -12,6 +12,7 @@ import pickle
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ def _retain(broker: MosquittoBroker, payload: bytes) -> None:
 
 
 def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_and_released_on_request(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber],
 ) -> None:
     """A station analyses 3 fields of a run and its state is saved; it goes on to 6 fields and stops
     (the run's report with 6 fields goes out, the broker keeps 'closed, 6'). The saved state,
@@ -68,105 +70,98 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
     inbox.mkdir(parents=True)
     pool = tmp_path / "pool.pkl"
     pool.write_bytes(pickle.dumps(list(oracle_pool())))
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
-    broker.start()
+    broker = broker_with()
     idle_s = 3.0
-    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"],
-                          [f"{BASE}/report", f"{BASE}/run", f"{BASE}/cmd_response/#"])
+    observer = observer_on(broker.port, [f"{BASE}/report", f"{BASE}/run", f"{BASE}/cmd_response/#"])
+    config = write_station(tmp_path, broker.port, source=_folder_source(inbox),
+                           specimen={"target_wbc_count": 1000, "idle_timeout_s": idle_s})
+    first = DaemonProcess(config, pool)
+    for i in range(3):
+        (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
+    assert wait_until(lambda: len(first.stored()) >= 3 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    shutil.copytree(tmp_path / "state", tmp_path / "backup")  # saved with its run open at 3 fields
+
+    went_on = DaemonProcess(config, pool)
+    for i in range(3, 6):
+        (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
+    assert observer.wait_for(lambda ms: any(
+        m.topic == f"{BASE}/run" and run_state(m)["progress"]["fields"] == 6 for m in ms), 60), went_on.lines[-20:]
+    run_id = run_state(observer.on_topic(f"{BASE}/run")[-1])["run_id"]
+    went_on.signal(signal.SIGTERM)  # its report goes out with 6 fields
+    assert went_on.wait(60) == 0, went_on.lines[-20:]
+    assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6]
+    assert (retained_run_state(broker.port, BASE) or {}).get("state") == "closed"
+    time.sleep(idle_s + 1)  # restored past the idle timeout: the run is closed at the start
+
+    shutil.rmtree(tmp_path / "state")
+    shutil.copytree(tmp_path / "backup", tmp_path / "state")
+    restored = DaemonProcess(config, pool)
     try:
-        observer.wait_ready()
-        config = write_station(tmp_path, broker.port, source=_folder_source(inbox),
-                               specimen={"target_wbc_count": 1000, "idle_timeout_s": idle_s})
-        first = DaemonProcess(config, pool)
-        for i in range(3):
-            (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
-        assert wait_until(lambda: len(first.stored()) >= 3 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
-        first.signal(signal.SIGKILL)
-        first.wait(10)
-        shutil.copytree(tmp_path / "state", tmp_path / "backup")  # saved with its run open at 3 fields
+        def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            before = len(observer.on_topic(f"{BASE}/cmd_response/{name}"))
+            observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1)
+            assert observer.wait_for(
+                lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
+            return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
 
-        went_on = DaemonProcess(config, pool)
-        for i in range(3, 6):
-            (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
-        assert observer.wait_for(lambda ms: any(
-            m.topic == f"{BASE}/run" and run_state(m)["progress"]["fields"] == 6 for m in ms), 60), went_on.lines[-20:]
-        run_id = run_state(observer.on_topic(f"{BASE}/run")[-1])["run_id"]
-        went_on.signal(signal.SIGTERM)  # its report goes out with 6 fields
-        assert went_on.wait(60) == 0, went_on.lines[-20:]
-        assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6]
-        assert (retained_run_state(broker.port, BASE) or {}).get("state") == "closed"
-        time.sleep(idle_s + 1)  # restored past the idle timeout: the run is closed at the start
-
-        shutil.rmtree(tmp_path / "state")
-        shutil.copytree(tmp_path / "backup", tmp_path / "state")
-        restored = DaemonProcess(config, pool)
-        try:
-            def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-                before = len(observer.on_topic(f"{BASE}/cmd_response/{name}"))
-                observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1)
-                assert observer.wait_for(
-                    lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
-                return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
-
-            said_held = lambda: [ln for ln in restored.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
-            assert wait_until(lambda: bool(said_held()), 30), restored.lines[-20:]  # connected and subscribed
-            # the drain has passed the run's report and run state (parked), or sent the shorter report
-            shorter = lambda: [r for r in _reports(observer.messages, run_id) if r["fields_analyzed"] != 6]
-            assert wait_until(lambda: bool(shorter()) or (command("status").get("broker") or {}).get("parked", 0) >= 2,
-                              30), restored.lines[-20:]
-            assert not shorter(), shorter()  # no report of 3 fields over the one of 6
-            status = command("status")
-            assert status["broker"]["parked"] >= 2, status
-            assert status["broker"]["in_flight"] == 0 and status["outbox"]["reports"] >= 1, status
-            stored = [ln for ln in restored.lines if "stored report message" in ln and f"run={run_id}" in ln]
-            assert stored and "closed: restart" in stored[0], restored.lines[-30:]
-            said = said_held()
-            assert len(said) == 1, said
-            assert f"the broker holds run {run_id} of station {STATION} (closed, 6 fields, updated " in said[0]
-            assert "this station's state holds it with 3 fields" in said[0], said
-            assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
-            assert f"mosquitto_pub -r -n -t {BASE}/run" in said[0], said
-            # the held run signed (its 3 fields, as the restored state holds it): its verified report is held too
-            signed = command("verify_run", {"run_id": run_id, "verified_by": "AB"})
-            assert signed["ok"] and signed["held"] is True, signed  # signed, and said to be held
-            assert signed["message"].startswith("the signed report is held at the station: the broker shows run "
-                                                f"{run_id} further along"), signed
-            assert f"mosquitto_pub -r -n -t {BASE}/run" in signed["message"], signed
-            assert wait_until(lambda: command("status")["broker"]["parked"] > status["broker"]["parked"], 30), \
-                restored.lines[-20:]
-            assert not shorter(), shorter()
-        finally:
-            restored.signal(signal.SIGTERM)
-            assert restored.wait(60) == 0
-        # the stop does not wait for them (no wait sends them) and says them apart from unsent ones
-        stopping = [ln for ln in restored.lines if "stopping with" in ln]
-        assert any(" parked messages in the outbox (too large for the broker, or held back)" in ln
-                   for ln in stopping), stopping
-        assert not [ln for ln in stopping if "still in the outbox" in ln], stopping
-        assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6], _reports(observer.messages, run_id)
-        kept = retained_run_state(broker.port, BASE) or {}
-        assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 6, kept
-
-        # the operator decides the restored state is the right one: the broker's retained run state cleared
-        _retain(broker, b"")
-        released = DaemonProcess(config, pool)
-        try:
-            assert observer.wait_for(lambda ms: any(r["fields_analyzed"] == 3 and r.get("verification")
-                                                    for r in _reports(ms, run_id)), 30), released.lines[-20:]
-            # released in the order stored: the restart's report, then its signed one
-            assert [(r["fields_analyzed"], (r.get("verification") or {}).get("verified_by"))
-                    for r in _reports(observer.messages, run_id)] == [(6, None), (3, None), (3, "AB")]
-            assert not [ln for ln in released.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
-            # the broker holds no run state: the later subscription's answer released the outbox, not the bound
-            assert not [ln for ln in released.lines if "no retained run state heard" in ln], released.lines[-30:]
-        finally:
-            released.signal(signal.SIGTERM)
-            assert released.wait(60) == 0
-        kept = retained_run_state(broker.port, BASE) or {}
-        assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 3 and kept["state"] == "closed", kept
+        said_held = lambda: [ln for ln in restored.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
+        assert wait_until(lambda: bool(said_held()), 30), restored.lines[-20:]  # connected and subscribed
+        # the drain has passed the run's report and run state (parked), or sent the shorter report
+        shorter = lambda: [r for r in _reports(observer.messages, run_id) if r["fields_analyzed"] != 6]
+        assert wait_until(lambda: bool(shorter()) or (command("status").get("broker") or {}).get("parked", 0) >= 2,
+                          30), restored.lines[-20:]
+        assert not shorter(), shorter()  # no report of 3 fields over the one of 6
+        status = command("status")
+        assert status["broker"]["parked"] >= 2, status
+        assert status["broker"]["in_flight"] == 0 and status["outbox"]["reports"] >= 1, status
+        stored = [ln for ln in restored.lines if "stored report message" in ln and f"run={run_id}" in ln]
+        assert stored and "closed: restart" in stored[0], restored.lines[-30:]
+        said = said_held()
+        assert len(said) == 1, said
+        assert f"the broker holds run {run_id} of station {STATION} (closed, 6 fields, updated " in said[0]
+        assert "this station's state holds it with 3 fields" in said[0], said
+        assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
+        assert f"mosquitto_pub -r -n -t {BASE}/run" in said[0], said
+        # the held run signed (its 3 fields, as the restored state holds it): its verified report is held too
+        signed = command("verify_run", {"run_id": run_id, "verified_by": "AB"})
+        assert signed["ok"] and signed["held"] is True, signed  # signed, and said to be held
+        assert signed["message"].startswith("the signed report is held at the station: the broker shows run "
+                                            f"{run_id} further along"), signed
+        assert f"mosquitto_pub -r -n -t {BASE}/run" in signed["message"], signed
+        assert wait_until(lambda: command("status")["broker"]["parked"] > status["broker"]["parked"], 30), \
+            restored.lines[-20:]
+        assert not shorter(), shorter()
     finally:
-        observer.close()
-        broker.stop()
+        restored.signal(signal.SIGTERM)
+        assert restored.wait(60) == 0
+    # the stop does not wait for them (no wait sends them) and says them apart from unsent ones
+    stopping = [ln for ln in restored.lines if "stopping with" in ln]
+    assert any(" parked messages in the outbox (too large for the broker, or held back)" in ln
+               for ln in stopping), stopping
+    assert not [ln for ln in stopping if "still in the outbox" in ln], stopping
+    assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6], _reports(observer.messages, run_id)
+    kept = retained_run_state(broker.port, BASE) or {}
+    assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 6, kept
+
+    # the operator decides the restored state is the right one: the broker's retained run state cleared
+    _retain(broker, b"")
+    released = DaemonProcess(config, pool)
+    try:
+        assert observer.wait_for(lambda ms: any(r["fields_analyzed"] == 3 and r.get("verification")
+                                                for r in _reports(ms, run_id)), 30), released.lines[-20:]
+        # released in the order stored: the restart's report, then its signed one
+        assert [(r["fields_analyzed"], (r.get("verification") or {}).get("verified_by"))
+                for r in _reports(observer.messages, run_id)] == [(6, None), (3, None), (3, "AB")]
+        assert not [ln for ln in released.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
+        # the broker holds no run state: the later subscription's answer released the outbox, not the bound
+        assert not [ln for ln in released.lines if "no retained run state heard" in ln], released.lines[-30:]
+    finally:
+        released.signal(signal.SIGTERM)
+        assert released.wait(60) == 0
+    kept = retained_run_state(broker.port, BASE) or {}
+    assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 3 and kept["state"] == "closed", kept
 
 
 def _state_message(run_id: str, fields: int, state: str) -> Any:
@@ -236,7 +231,8 @@ def test_a_held_run_stays_held_at_a_later_start_once_the_stations_own_runs_repla
 
 
 def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnects_and_starts(
-    tmp_path: Path, credentials_dir: Path, started: list[Any],
+    tmp_path: Path, credentials_dir: Path, started: list[Any], broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber],
 ) -> None:
     """Run r-1 is held (the broker keeps it closed at 6 fields, the station's state holds 3). Its run
     state is stated again as a start does, again twice more (signed, say), and the connection is
@@ -249,9 +245,8 @@ def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnec
     from smearscope.service.mqtt.publisher import MqttPublisher
     from smearscope.service.station.live_state import LiveState
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)  # the retained state kept
-    broker.start()
-    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
+    broker = broker_with(persistence=True)  # the retained state kept
+    observer = observer_on(broker.port, [f"{BASE}/run"])
 
     config = make_config(tmp_path, broker.port, reconnect_min_delay_s=1, reconnect_max_delay_s=1)
     marks = iter(range(100))
@@ -272,34 +267,29 @@ def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnec
     def held_states(publisher: Any) -> list[int]:
         return [json.loads(m.payload)["review"] for m in publisher.outbox.pending(1000) if m.topic == f"{BASE}/run"]
 
-    try:
-        observer.wait_ready()
-        _retain(broker, json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
-        first, _ = start(states=3)
-        assert wait_until(lambda: "r-1" in first.run_watch.held and held_states(first) == [2], 10), held_states(first)
-        for _ in range(2):
-            connects = first.state.connects
-            broker.restart()
-            assert wait_until(lambda n=connects: first.state.connects > n and first.state.connected, 20), first.state
-            assert wait_until(lambda: first.state.in_flight == 0 and first._inflight.parked, 10), first.state
-        assert held_states(first) == [2], held_states(first)
-        first.stop(1)
-        first.outbox.close()
-        second, _ = start(states=1)  # held again from the outbox file; the start states it once more
-        assert wait_until(lambda: held_states(second) == [3], 10), held_states(second)
-        second.stop(1)
-        second.outbox.close()
-        assert not [m for m in observer.on_topic(f"{BASE}/run") if json.loads(m.payload).get("review") is not None]
+    _retain(broker, json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
+    first, _ = start(states=3)
+    assert wait_until(lambda: "r-1" in first.run_watch.held and held_states(first) == [2], 10), held_states(first)
+    for _ in range(2):
+        connects = first.state.connects
+        broker.restart()
+        assert wait_until(lambda n=connects: first.state.connects > n and first.state.connected, 20), first.state
+        assert wait_until(lambda: first.state.in_flight == 0 and first._inflight.parked, 10), first.state
+    assert held_states(first) == [2], held_states(first)
+    first.stop(1)
+    first.outbox.close()
+    second, _ = start(states=1)  # held again from the outbox file; the start states it once more
+    assert wait_until(lambda: held_states(second) == [3], 10), held_states(second)
+    second.stop(1)
+    second.outbox.close()
+    assert not [m for m in observer.on_topic(f"{BASE}/run") if json.loads(m.payload).get("review") is not None]
 
-        _retain(broker, b"")  # the operator's clear: released
-        third, _ = start(states=0)
-        assert observer.wait_for(lambda ms: any(json.loads(m.payload).get("review") == 3 for m in ms if m.payload), 10)
-        assert wait_until(lambda: third.outbox.counts().messages == 0, 10), third.state
-        sent = [json.loads(m.payload).get("review") for m in observer.on_topic(f"{BASE}/run") if m.payload]
-        assert [r for r in sent if r is not None] == [3], sent
-    finally:
-        observer.close()
-        broker.stop()
+    _retain(broker, b"")  # the operator's clear: released
+    third, _ = start(states=0)
+    assert observer.wait_for(lambda ms: any(json.loads(m.payload).get("review") == 3 for m in ms if m.payload), 10)
+    assert wait_until(lambda: third.outbox.counts().messages == 0, 10), third.state
+    sent = [json.loads(m.payload).get("review") for m in observer.on_topic(f"{BASE}/run") if m.payload]
+    assert [r for r in sent if r is not None] == [3], sent
 
 
 def test_a_held_runs_run_state_expires_under_field_message_expiry_and_its_report_stays_held(
