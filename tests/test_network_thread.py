@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from broker import MosquittoBroker, Subscriber, wait_until
 from test_publisher import make_config
 
 from smearscope.service.mqtt.outbox import Outbox
@@ -51,74 +52,63 @@ def said_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_a_network_thread_ended_in_its_reconnect_wait_is_started_again_and_the_held_reports_are_delivered(
     tmp_path: Path, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber], started: list[MqttPublisher],
 ) -> None:
     """The broker goes away and paho's reconnect wait raises: its thread ends, and with it every
     reconnect. The station starts it again, reconnects when the broker is back and delivers the reports
     stored meanwhile (never reconnected before: the reports stayed in the outbox for good)."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [REPORTS], client_id="thread-observer",
-                     persistent=True)
+    broker = broker_with(persistence=True)
+    sub = observer_on(broker.port, [REPORTS], client_id="thread-observer", persistent=True)
+    # the subscriber's session on disk, so it outlives the broker's restart
+    assert wait_until(lambda: broker.saved(REPORTS), 10), "the subscriber's session never reached the broker's file"
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     publisher = MqttPublisher(make_config(tmp_path, broker.port), STATION, outbox)
-    try:
-        sub.wait_ready()
-        assert wait_until(lambda: "thread-observer" in broker.log() and "Saving in-memory database" in broker.log(),
-                          10)  # the subscriber's session on disk, so it outlives the broker's restart
-        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
-            publisher.start()
-            assert publisher.wait_until_connected(5)
-            first = reports(publisher, 3, "before")
-            assert publisher.wait_until_drained(10)
-            client = publisher._client
-            assert client is not None
-            end_once(client, "_reconnect_wait")
-            broker.kill()
-            assert wait_until(lambda: not publisher.state.connected, 10)
-            held = reports(publisher, 5, "held")
-            # the broker back once the thread has ended (and been started again: a drain tick later)
-            wait_until(lambda: publisher._network.restarts == 1, 10)
-            broker.start()
-            assert publisher.wait_until_drained(20), publisher.state
-            assert sub.wait_for(lambda ms: {json.loads(m.payload)["report_id"] for m in ms} >= {*first, *held}, 20)
-        assert outbox.counts().messages == 0
-        assert len(said_errors(caplog)) == 1, said_errors(caplog)
-    finally:
-        publisher.stop(drain_timeout=0)
-        outbox.close()
-        sub.close()
-        broker.stop()
+    started.append(publisher)
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+        publisher.start()
+        assert publisher.wait_until_connected(5)
+        first = reports(publisher, 3, "before")
+        assert publisher.wait_until_drained(10)
+        client = publisher._client
+        assert client is not None
+        end_once(client, "_reconnect_wait")
+        broker.kill()
+        assert wait_until(lambda: not publisher.state.connected, 10)
+        held = reports(publisher, 5, "held")
+        # the broker back once the thread has ended (and been started again: a drain tick later)
+        assert wait_until(lambda: publisher._network.restarts == 1, 10), publisher.state
+        broker.start()
+        assert publisher.wait_until_drained(20), publisher.state
+        assert sub.wait_for(lambda ms: {json.loads(m.payload)["report_id"] for m in ms} >= {*first, *held}, 20)
+    assert outbox.counts().messages == 0
+    assert len(said_errors(caplog)) == 1, said_errors(caplog)
 
 
 def test_a_network_thread_ended_by_a_callback_while_connected_is_started_again_and_acknowledgements_are_read(
     tmp_path: Path, credentials_dir: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture,
+    observer_on: Callable[..., Subscriber], started: list[MqttPublisher],
 ) -> None:
     """A callback raises SystemExit on paho's thread while connected: nothing reads the broker's
     acknowledgements nor pings it any more. The station starts the thread again on the same connection
     and every report is delivered and taken out of the outbox (the check undone: the outbox kept them,
     the broker dropped the silent connection and the station never reconnected)."""
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [REPORTS])
+    sub = observer_on(broker.port, [REPORTS])
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     publisher = MqttPublisher(make_config(tmp_path, broker.port), STATION, outbox)
-    try:
-        sub.wait_ready()
-        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
-            publisher.start()
-            assert publisher.wait_until_connected(5)
-            client = publisher._client
-            assert client is not None
-            assert client._thread is not None  # paho's network thread runs
-            end_once(client, "_handle_pubackcomp")  # the next acknowledgement read ends the thread
-            ids = reports(publisher, 10, "acked")
-            assert publisher.wait_until_drained(20), publisher.state
-            assert sub.wait_for(lambda ms: {json.loads(m.payload)["report_id"] for m in ms} >= set(ids), 10)
-        assert publisher._network.restarts == 1
-        assert outbox.counts().messages == 0
-        assert len(said_errors(caplog)) == 1, said_errors(caplog)
-    finally:
-        publisher.stop(drain_timeout=0)
-        outbox.close()
-        sub.close()
+    started.append(publisher)
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+        publisher.start()
+        assert publisher.wait_until_connected(5)
+        client = publisher._client
+        assert client is not None
+        assert client._thread is not None  # paho's network thread runs
+        end_once(client, "_handle_pubackcomp")  # the next acknowledgement read ends the thread
+        ids = reports(publisher, 10, "acked")
+        assert publisher.wait_until_drained(20), publisher.state
+        assert sub.wait_for(lambda ms: {json.loads(m.payload)["report_id"] for m in ms} >= set(ids), 10)
+    assert publisher._network.restarts == 1
+    assert outbox.counts().messages == 0
+    assert len(said_errors(caplog)) == 1, said_errors(caplog)
 
 
 
