@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,49 +208,39 @@ def test_a_power_cut_as_a_fields_crops_are_written_loses_none_and_doubles_none(
 @pytest.mark.slow
 @pytest.mark.broker
 def test_sigkill_with_broker_down_then_restart_drains_outbox_in_order(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
-    broker.start()
+    broker = broker_with()
     pool_file = tmp_path / "pool.pkl"
     pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
     per_field = classified_wbc_per_field()
     config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1])
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    first = second = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
-        assert sub.wait_for(lambda ms: len(received_ids(sub)) >= 4, 30), first.lines[-20:]
-        broker.kill()  # the broker crashes mid-run; the daemon keeps storing
-        sub.subscribed.clear()
-        stored_before_outage = len(first.stored())
-        assert wait_until(lambda: len(first.stored()) >= stored_before_outage + 6, 20)
-        first.signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
-        produced_first = first.stored()
+    sub = observer_on(broker.port, [f"{BASE}/#"])
+    first = daemons(config, pool_file)
+    assert sub.wait_for(lambda ms: len(received_ids(sub)) >= 4, 30), first.lines[-20:]
+    broker.kill()  # the broker crashes mid-run; the daemon keeps storing
+    sub.subscribed.clear()
+    stored_before_outage = len(first.stored())
+    assert wait_until(lambda: len(first.stored()) >= stored_before_outage + 6, 20)
+    first.signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    produced_first = first.stored()
 
-        broker.start()
-        sub.wait_ready(15)
-        second = DaemonProcess(config, pool_file)
-        wanted = {rid for _, rid, _ in produced_first}
-        assert sub.wait_for(lambda ms: wanted <= {r for _, r in received_ids(sub)}, 30), (
-            "restarted daemon did not drain the outbox", second.lines[-20:])
-        assert wait_until(lambda: sum(k == "field" for k, _, _ in second.stored()) >= 3, 20)
-        second.signal(signal.SIGTERM)
-        assert second.wait(30) == 0, second.lines[-20:]
-        produced = produced_first + second.stored()
-        assert sub.wait_for(
-            lambda ms: {rid for _, rid, _ in produced} <= {r for _, r in received_ids(sub)}, 15)
-        assert sub.wait_for(lambda ms: ms[-1].topic == f"{BASE}/status"
-                            and ms[-1].payload == b"offline", 10)
-    finally:
-        for daemon in (first, second):
-            if daemon is not None:
-                daemon.signal(signal.SIGKILL)
-                daemon.wait(10)
-        sub.close()
-        broker.stop()
+    broker.start()
+    sub.wait_ready(15)
+    second = daemons(config, pool_file)
+    wanted = {rid for _, rid, _ in produced_first}
+    assert sub.wait_for(lambda ms: wanted <= {r for _, r in received_ids(sub)}, 30), (
+        "restarted daemon did not drain the outbox", second.lines[-20:])
+    assert wait_until(lambda: sum(k == "field" for k, _, _ in second.stored()) >= 3, 20)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0, second.lines[-20:]
+    produced = produced_first + second.stored()
+    assert sub.wait_for(
+        lambda ms: {rid for _, rid, _ in produced} <= {r for _, r in received_ids(sub)}, 15)
+    assert sub.wait_for(lambda ms: ms[-1].topic == f"{BASE}/status"
+                        and ms[-1].payload == b"offline", 10)
 
     received = received_ids(sub)
     produced_ids = [rid for _, rid, _ in produced]

@@ -207,7 +207,8 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
 
 @pytest.mark.broker
 @needs_chromium
-def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(tmp_path: Path) -> None:
+def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(
+        tmp_path: Path, broker_with: Callable[..., MosquittoBroker]) -> None:
     """The dashboard's account may lack start_run (a dashboard that only shows): mosquitto answers
     the MQTT 5 publish "not authorised", and the page says so at once rather than wait for an
     answer that cannot come."""
@@ -217,20 +218,16 @@ def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(
     acl = ("user station\ntopic readwrite smearscope/#\n\n"
            "user observer\ntopic read smearscope/#\ntopic write smearscope/+/cmd/get_runs\n"
            "topic write smearscope/+/cmd/get_review\n")
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True, acl=acl)
-    broker.start()
-    try:
-        with _page_and_a_station(tmp_path, broker, ("--run-control",)) as (driver, send, log, url):
-            _open_with_station_online(driver, send, log, url, STATION)
-            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
-            assert inside(".run-control").is_displayed()
-            inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
-            state = lambda: inside(".run-control-state")
-            _wait("the refusal", lambda: state().get_attribute("data-state") == "error", 10, [log])
-            assert state().text.startswith("the broker refused the command (") and state().text.endswith(
-                "this dashboard's account may not start a run"), state().text
-    finally:
-        broker.stop()
+    broker = broker_with(websockets=True, acl=acl)
+    with _page_and_a_station(tmp_path, broker, ("--run-control",)) as (driver, send, log, url):
+        _open_with_station_online(driver, send, log, url, STATION)
+        inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+        assert inside(".run-control").is_displayed()
+        inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
+        state = lambda: inside(".run-control-state")
+        _wait("the refusal", lambda: state().get_attribute("data-state") == "error", 10, [log])
+        assert state().text.startswith("the broker refused the command (") and state().text.endswith(
+            "this dashboard's account may not start a run"), state().text
 
 
 @pytest.mark.broker
