@@ -95,11 +95,14 @@ def test_every_command_of_a_burst_gets_an_answer(
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.CorrelationData = f"c{i}".encode()
         observer.client.publish(f"{BASE}/cmd/echo", json.dumps({"n": i}), qos=1, properties=props)
-    observer.wait_for(lambda m: len(_responses(observer)) >= n, 30)
-    time.sleep(0.5)
-    got = {r.correlation_data: json.loads(r.payload) for r in _responses(observer)}
+    assert observer.wait_for(lambda m: len(_responses(observer)) >= n, 30), len(_responses(observer))
+    # answered in order: an answer more to the burst would come before this last command's
+    observer.client.publish(f"{BASE}/cmd/last", json.dumps({"n": n}), qos=1)
+    assert observer.wait_for(lambda m: any(r.topic.endswith("/cmd_response/last") for r in _responses(observer)), 10)
+    burst = [r for r in _responses(observer) if r.topic.endswith("/cmd_response/echo")]
+    got = {r.correlation_data: json.loads(r.payload) for r in burst}
     print(f"\ncommand burst: {n} commands, {len(got)} answered")
-    assert len(_responses(observer)) == n and len(got) == n
+    assert len(burst) == n and len(got) == n
     answered = [v for v in got.values() if v["ok"]]
     busy = [v for v in got.values() if not v["ok"]]
     assert all(v["error"] == "busy" for v in busy)

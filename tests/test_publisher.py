@@ -382,8 +382,10 @@ def test_commands_get_responses_with_correlation_data(
     observer.client.publish(f"{BASE}/cmd/fail", b"{}", qos=1)
     observer.client.publish(f"{BASE}/cmd/recalibrate", b"not json", qos=1)
     assert observer.wait_for(lambda m: len([x for x in m if "/cmd_response/" in x.topic]) >= 6, 5)
-    time.sleep(0.3)  # an answer to a clearing would come by now
-    responses = [x for x in observer.messages if "/cmd_response/" in x.topic]
+    # answered in order: an answer to a clearing would come before this last command's
+    observer.client.publish(f"{BASE}/cmd/last", b"{}", qos=1)
+    assert observer.wait_for(lambda m: any(x.topic.endswith("/cmd_response/last") for x in m), 5)
+    responses = [x for x in observer.messages if "/cmd_response/" in x.topic and not x.topic.endswith("/last")]
     assert len(responses) == 6
     for command in ("stop_run", "start_run"):  # the stored one, the live one
         retained = responses.pop(0)
@@ -398,7 +400,7 @@ def test_commands_get_responses_with_correlation_data(
     assert json.loads(responses[1].payload) == {"ok": False, "error": "command_failed",
                                                 "message": "RuntimeError: camera busy"}
     assert json.loads(responses[2].payload)["ok"] is False
-    assert calls == [("recalibrate", {"stage": 2}), ("fail", {})]
+    assert calls == [("recalibrate", {"stage": 2}), ("fail", {}), ("last", {})]
 
 
 def test_an_answer_that_cannot_be_sent_as_json_is_answered_command_failed(
