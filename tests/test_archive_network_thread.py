@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -40,42 +41,73 @@ def end_once(client: mqtt.Client, name: str) -> None:
     setattr(client, name, ending)
 
 
-def test_the_archives_network_thread_ended_in_its_reconnect_wait_is_started_again_and_the_next_report_stored(
-        tmp_path: Path, persistent_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
-    """The broker stops and paho's reconnect wait raises: its thread, which makes every reconnect, ends.
-    The storer starts it again; once the broker is back the archive reconnects and stores the report
-    published then (the check undone: it never reconnected and the report stayed on the broker)."""
-    directory = tmp_path / "archive"
-    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
-                                           client_id="archive-thread", reconnect_min_delay_s=1,
-                                           reconnect_max_delay_s=2), directory=directory)
+def _config(port: int, client_id: str, directory: Path, **archive: object) -> ArchiveConfig:
+    """The archive's config as observer on the broker at `port`, reconnecting after 1 to 2 s."""
+    return ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=port, username="observer", client_id=client_id,
+                                         reconnect_min_delay_s=1, reconnect_max_delay_s=2),
+                         directory=directory, **archive)
+
+
+@contextmanager
+def _running(config: ArchiveConfig, caplog: pytest.LogCaptureFixture) -> Iterator[ArchiveDaemon]:
+    """The archive's run() on a thread of its own, connected; stopped on leaving, its thread ended."""
     caplog.set_level(logging.INFO)
     daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
     runner = threading.Thread(target=daemon.run)
     runner.start()
     try:
         assert wait_until(lambda: daemon._connected, 30), caplog.text
-        with raw_client(persistent_broker.port) as client:
-            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
-                           qos=1).wait_for_publish(10)
+        yield daemon
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
+def _publish(port: int, run_id: str, captured: float) -> None:
+    """A station's report of `run_id` on the broker at `port`, published at QoS 1."""
+    with raw_client(port) as client:
+        client.publish(f"smearscope/{STATION}/report", envelope_of(a_report(run_id, SPECIMEN, captured)),
+                       qos=1).wait_for_publish(10)
+
+
+def _end_the_thread_while_the_broker_is_away(daemon: ArchiveDaemon, broker: MosquittoBroker,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """paho's reconnect wait raises once the broker stops; the thread started again, the broker back and
+    the archive reconnected to it."""
+    end_once(daemon.client, "_reconnect_wait")
+    broker.stop()  # SIGTERM: the archive's session, and the report unacknowledged in it, saved
+    assert wait_until(lambda: not daemon._connected, 15), caplog.text
+    assert wait_until(lambda: daemon._network.restarts == 1, 15), caplog.text
+    broker.start()
+    assert wait_until(lambda: daemon._connected, 30), caplog.text
+
+
+def _said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The thread's end said once, at ERROR, with the archive reconnecting."""
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
+    assert len(said) == 1 and "the archive reconnects" in said[0], said
+
+
+def test_the_archives_network_thread_ended_in_its_reconnect_wait_is_started_again_and_the_next_report_stored(
+        tmp_path: Path, persistent_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker stops and paho's reconnect wait raises: its thread, which makes every reconnect, ends.
+    The storer starts it again; once the broker is back the archive reconnects and stores the report
+    published then (the check undone: it never reconnected and the report stayed on the broker)."""
+    directory = tmp_path / "archive"
+    with _running(_config(persistent_broker.port, "archive-thread", directory), caplog) as daemon:
+        _publish(persistent_broker.port, "run-1", 1_796_000_000.0)
         assert wait_until(lambda: indexed(directory) == 1, 30), caplog.text
         end_once(daemon.client, "_reconnect_wait")
         persistent_broker.stop()  # SIGTERM: the archive's session saved
         # the broker back once the thread has ended and been started again (a storer's tick later)
         wait_until(lambda: daemon._network.restarts == 1, 15)
         persistent_broker.start()
-        with raw_client(persistent_broker.port) as client:
-            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-2", SPECIMEN, 1_796_100_000.0)),
-                           qos=1).wait_for_publish(10)
+        _publish(persistent_broker.port, "run-2", 1_796_100_000.0)
         assert wait_until(lambda: indexed(directory) == 2, 30), caplog.text
         assert {entry.run_id for entry in find(directory)} == {"run-1", "run-2"}
         assert daemon._network.restarts == 1
-        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
-        assert len(said) == 1 and "the archive reconnects" in said[0], said
-    finally:
-        daemon.stop()
-        runner.join(30)
-    assert not runner.is_alive()
+        _said_once(caplog)
 
 
 def test_the_archives_network_thread_ended_while_a_report_is_held_is_started_again_and_it_reconnects(
@@ -90,35 +122,15 @@ def test_the_archives_network_thread_ended_while_a_report_is_held_is_started_aga
     outside.mkdir()
     link = directory / STATION
     link.symlink_to(outside)
-    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
-                                           client_id="archive-thread-held", reconnect_min_delay_s=1,
-                                           reconnect_max_delay_s=2), directory=directory, retry_s=0.2)
-    caplog.set_level(logging.INFO)
-    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
-    runner = threading.Thread(target=daemon.run)
-    runner.start()
-    try:
-        assert wait_until(lambda: daemon._connected, 30), caplog.text
-        with raw_client(persistent_broker.port) as client:
-            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
-                           qos=1).wait_for_publish(10)
+    with _running(_config(persistent_broker.port, "archive-thread-held", directory, retry_s=0.2), caplog) as daemon:
+        _publish(persistent_broker.port, "run-1", 1_796_000_000.0)
         assert wait_until(lambda: daemon.counts["retried"] >= 2, 30), caplog.text  # held
-        end_once(daemon.client, "_reconnect_wait")
-        persistent_broker.stop()  # SIGTERM: the archive's session, and the report unacknowledged in it, saved
-        assert wait_until(lambda: not daemon._connected, 15), caplog.text
-        assert wait_until(lambda: daemon._network.restarts == 1, 15), caplog.text
-        persistent_broker.start()
-        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        _end_the_thread_while_the_broker_is_away(daemon, persistent_broker, caplog)
         assert indexed(directory) == 0 and daemon.counts["stored"] == 0  # reconnected while still holding it
         link.unlink()
         assert wait_until(lambda: indexed(directory) == 1, 30), caplog.text
         assert {entry.run_id for entry in find(directory)} == {"run-1"}
-        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
-        assert len(said) == 1 and "the archive reconnects" in said[0], said
-    finally:
-        daemon.stop()
-        runner.join(30)
-    assert not runner.is_alive()
+        _said_once(caplog)
 
 
 def test_the_archives_network_thread_ended_while_the_lab_system_keeps_the_ack_waiting_is_started_again(
@@ -131,36 +143,17 @@ def test_the_archives_network_thread_ended_while_the_lab_system_keeps_the_ack_wa
     looked at the thread only between its tries), the thread stayed dead for the whole exchange."""
     directory = tmp_path / "archive"
     lab = lis(lambda conn, data: lab.done.wait(60))  # connected, silent until the test ends
-    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
-                                           client_id="archive-thread-mllp", reconnect_min_delay_s=1,
-                                           reconnect_max_delay_s=2), directory=directory,
-                           hl7_mllp=f"127.0.0.1:{lab.port}", hl7_mllp_timeout_s=300)
-    caplog.set_level(logging.INFO)
-    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
-    runner = threading.Thread(target=daemon.run)
-    runner.start()
-    try:
-        assert wait_until(lambda: daemon._connected, 30), caplog.text
-        with raw_client(persistent_broker.port) as client:
-            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
-                           qos=1).wait_for_publish(10)
+    config = _config(persistent_broker.port, "archive-thread-mllp", directory,
+                     hl7_mllp=f"127.0.0.1:{lab.port}", hl7_mllp_timeout_s=300)
+    with _running(config, caplog) as daemon:
+        _publish(persistent_broker.port, "run-1", 1_796_000_000.0)
         assert wait_until(lambda: len(lab.received) == 1, 30), caplog.text  # the storer waits for its ACK
-        end_once(daemon.client, "_reconnect_wait")
-        persistent_broker.stop()  # SIGTERM: the archive's session, and the report unacknowledged in it, saved
-        assert wait_until(lambda: not daemon._connected, 15), caplog.text
-        assert wait_until(lambda: daemon._network.restarts == 1, 15), caplog.text
-        persistent_broker.start()
-        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        _end_the_thread_while_the_broker_is_away(daemon, persistent_broker, caplog)
         # reconnected while the first exchange still waits: one message sent, nothing stored or given up
         assert len(lab.received) == 1 and indexed(directory) == 0
         assert daemon.counts == {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         assert "cannot store" not in caplog.text
-        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
-        assert len(said) == 1 and "the archive reconnects" in said[0], said
-    finally:
-        daemon.stop()
-        runner.join(30)
-    assert not runner.is_alive()
+        _said_once(caplog)
     # stopped cleanly: the watcher ended first, then paho's thread, which nothing started again
     assert not [t for t in threading.enumerate() if t.name == "archive-network-watch"]
     assert daemon.client._thread is None
