@@ -21,23 +21,44 @@ def _lines(text: str, words: str) -> list[str]:
     return [line for line in text.splitlines() if words in line]
 
 
+def _counting_retries(tmp_path: Path, port: int) -> Archive:
+    """The archive for the broker at `port`, logging at DEBUG: each retry, to count them."""
+    archive = Archive(tmp_path, port, tmp_path / "archive")
+    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"
+    return archive
+
+
+def _launch(archive: Archive) -> None:
+    """The archive's process started, its output in its log; not waiting for it to connect."""
+    with open(archive.log, "ab") as out:
+        archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def _above_debug(lines: list[str]) -> list[str]:
+    return [line for line in lines if " DEBUG " not in line]
+
+
+def _said_once(lines: list[str], level: str) -> str:
+    """The one of `lines` logged above DEBUG, which is at `level` (the others are retries at DEBUG)."""
+    said = _above_debug(lines)
+    assert len(said) == 1 and f" {level} " in said[0], said
+    return said[0]
+
+
 def test_a_broker_out_of_reach_for_many_retries_is_said_once_and_its_return_once(tmp_path: Path) -> None:
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)  # its port chosen, nothing listening there yet
-    archive = Archive(tmp_path, broker.port, tmp_path / "archive")
-    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # each retry, to count them
+    archive = _counting_retries(tmp_path, broker.port)
     try:
-        with open(archive.log, "ab") as out:
-            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _launch(archive)
         tries = lambda: _lines(archive.text(), f"cannot reach broker 127.0.0.1:{broker.port}")
         assert wait_until(lambda: len(tries()) >= 4, 60), archive.text()[-3000:]  # backoff 1, 2, 4 s ...
-        said = [line for line in tries() if " DEBUG " not in line]
-        assert len(said) == 1 and " WARNING " in said[0], said
-        assert "ConnectionRefusedError" in said[0], said[0]
+        said = _said_once(tries(), "WARNING")
+        assert "ConnectionRefusedError" in said, said
         broker.start()
         assert wait_until(lambda: "connected to broker" in archive.text(), 90), archive.text()[-3000:]
         back = _lines(archive.text(), f"broker 127.0.0.1:{broker.port} reachable again after ")
         assert len(back) == 1 and " INFO " in back[0], archive.text()[-3000:]
-        assert len([line for line in tries() if " DEBUG " not in line]) == 1, tries()
+        assert len(_above_debug(tries())) == 1, tries()
     finally:
         archive.stop()
         broker.stop()
@@ -50,17 +71,14 @@ def test_a_refused_login_is_said_once_while_it_repeats_and_the_acceptance_not_as
     file mended and re-read (SIGHUP), the archive connects and says the broker accepts it
     again, not 'reachable again' (it was reachable all along)."""
     broker = MosquittoBroker(tmp_path / "broker", {**MQTT_USERS, "observer": "another-secret"})
-    archive = Archive(tmp_path, broker.port, tmp_path / "archive")
-    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # each retry, to count them
+    archive = _counting_retries(tmp_path, broker.port)
     try:
         broker.start()
-        with open(archive.log, "ab") as out:
-            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _launch(archive)
         refused = lambda: _lines(archive.text(), f"broker 127.0.0.1:{broker.port} refused the archive's connection")
         assert wait_until(lambda: len(refused()) >= 3, 60), archive.text()[-3000:]
-        said = [line for line in refused() if " DEBUG " not in line]
-        assert len(said) == 1 and " ERROR " in said[0], said
-        assert "does not accept user 'observer' with this password" in said[0], said[0]
+        said = _said_once(refused(), "ERROR")
+        assert "does not accept user 'observer' with this password" in said, said
         broker._write_passwords(MQTT_USERS)
         broker.proc.send_signal(signal.SIGHUP)  # mosquitto re-reads its password file, staying up
         assert wait_until(lambda: "connected to broker" in archive.text(), 90), archive.text()[-3000:]
@@ -78,18 +96,15 @@ def test_a_tls_listener_given_as_mqtt_is_said_with_the_scheme_to_use(tmp_path: P
     Now one WARNING naming the port and what to use, each retry at DEBUG."""
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
     assert broker.tls_port is not None
-    archive = Archive(tmp_path, broker.tls_port, tmp_path / "archive")
-    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # each retry, to count them
+    archive = _counting_retries(tmp_path, broker.tls_port)
     try:
         broker.start()
-        with open(archive.log, "ab") as out:
-            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _launch(archive)
         tries = lambda: _lines(archive.text(), f"broker 127.0.0.1:{broker.tls_port} closed the connection before "
                                                "answering CONNECT")
         assert wait_until(lambda: len(tries()) >= 3, 60), archive.text()[-3000:]  # backoff 1, 2 s ...
-        said = [line for line in tries() if " DEBUG " not in line]
-        assert len(said) == 1 and " WARNING " in said[0], said
-        assert "its port answers in TLS: use mqtts://HOST:PORT with --ca-file" in said[0], said[0]
+        said = _said_once(tries(), "WARNING")
+        assert "its port answers in TLS: use mqtts://HOST:PORT with --ca-file" in said, said
         assert "connected to broker" not in archive.text()
     finally:
         archive.stop()
@@ -116,8 +131,7 @@ def test_a_full_broker_breaking_the_connection_is_not_said_to_be_the_wrong_port(
                 holders.pop()
                 break
         assert len(holders) < 4, "the broker took every holder"
-        with open(archive.log, "ab") as out:
-            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _launch(archive)
         said = lambda: [line for line in _lines(archive.text(), f"broker 127.0.0.1:{broker.port}")
                         if " WARNING " in line]
         assert wait_until(lambda: len(said()) >= 1, 30), archive.text()[-3000:]
@@ -143,8 +157,7 @@ def test_the_archive_started_by_hand_says_it_connected_without_a_log_level(tmp_p
     del archive.argv[at:at + 2]
     try:
         broker.start()
-        with open(archive.log, "ab") as out:
-            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _launch(archive)
         assert wait_until(lambda: f"connected to broker 127.0.0.1:{broker.port}" in archive.text(), 30), archive.text()
         said = _lines(archive.text(), "connected to broker")
         assert len(said) == 1 and " INFO " in said[0], archive.text()
@@ -168,8 +181,7 @@ def test_a_broker_asking_for_a_client_certificate_is_said_with_the_certificate_t
     archive.argv[at:at + 1] = [f"mqtts://127.0.0.1:{broker.tls_port}", "--ca-file", str(tls_material.ca_cert)]
     try:
         broker.start()
-        with open(archive.log, "ab") as out:
-            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _launch(archive)
         said = lambda: [line for line in _lines(archive.text(), f"broker 127.0.0.1:{broker.tls_port}")
                         if " WARNING " in line]
         assert wait_until(lambda: len(said()) >= 1, 30), archive.text()[-3000:]
