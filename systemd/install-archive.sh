@@ -24,6 +24,7 @@
 # Environment knobs: PYTHON, HL7, HL7_GROUP, START. PREFIX, CONF_DIR, STATE_DIR, HL7_DIR, UNIT_DIR and
 # SYSTEMD_RUN_DIR move what the steps touch (tests/test_install_archive.py); the unit names the
 # defaults, so elsewhere it needs a drop-in (systemctl edit smearscope-archive).
+# shellcheck disable=SC2034  # SERVICE_HOME, UNIT_DOCS, ENV_HINT ...: read by install-common.sh
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,99 +39,38 @@ HL7_GROUP="${HL7_GROUP:-}"
 HL7="${HL7:-0}"
 if [[ -n "$HL7_GROUP" ]]; then HL7=1; fi
 SERVICE_USER=smearscope-archive
+SERVICE_HOME="$STATE_DIR"
+SERVICE_NOUN="archive's"
 UNIT=smearscope-archive.service
+UNIT_DOCS=(ARCHIVE.md HL7.md)
 VENV="$PREFIX/venv"
 ENV_FILE="$CONF_DIR/archive.env"
+ENV_EXAMPLE="$SRC/config/archive.env.example"
+ENV_HINT="set the broker and the login there"
 PASSWORD_PATH="$CONF_DIR/archive-mqtt-password"
-# Marks the venv as this script's: it upgrades that one, and leaves any other (a station's) alone.
+# Marks the venv as this script's: it upgrades that one (and install-dashboard.sh's, the same
+# checkout's), and leaves any other (a station's) alone.
 VENV_MARK=".installed-by-install-archive"
+OTHER_VENV_MARK=".installed-by-install-dashboard"
 
-log() { printf '==> %s\n' "$*"; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-TODO=()
-todo() { TODO+=("$*"); }
-
-# Checks before anything is changed ---------------------------------------------------------------
-is_root() { [[ $EUID -eq 0 ]]; }
+# Steps 1, 2, 3 (env and password files) and 5, and the checks shared with install-dashboard.sh.
+if [[ ! -f "$SRC/systemd/install-common.sh" ]]; then  # a copy of this script alone, outside a checkout
+  printf 'error: run from a smearscope checkout (%s has no systemd/install-common.sh)\n' "$SRC" >&2
+  exit 1
+fi
+# shellcheck source=systemd/install-common.sh disable=SC1091
+source "$SRC/systemd/install-common.sh"
 
 preflight() {
-  is_root || die "run as root (sudo $0)"
-  [[ -f "$SRC/pyproject.toml" ]] || die "run from a smearscope checkout ($SRC has no pyproject.toml)"
-  if [[ ! -d "$SYSTEMD_RUN_DIR" ]] || ! command -v systemctl >/dev/null 2>&1; then
-    die "this machine does not run systemd (no $SYSTEMD_RUN_DIR or no systemctl): the archive's unit needs it. Without systemd run \`smearscope archive --broker ... --dir DIR --password-file FILE\` under the machine's own service manager (docs/ARCHIVE.md)"
-  fi
-  local python="$PYTHON" version
-  [[ -x "$VENV/bin/python" ]] && python="$VENV/bin/python"
-  version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" \
-    || die "no Python found ($python): smearscope needs Python 3.10 or newer (e.g. apt install python3 python3-venv)"
-  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || die "$python is Python $version: smearscope needs Python 3.10 or newer"
+  preflight_common "Without systemd run \`smearscope archive --broker ... --dir DIR --password-file FILE\` under the machine's own service manager (docs/ARCHIVE.md)"
   if [[ -n "$HL7_GROUP" ]] && ! getent group "$HL7_GROUP" >/dev/null; then
     die "HL7_GROUP=$HL7_GROUP: no such group on this machine (the group of the interface engine's user, e.g. mirth)"
   fi
 }
 
-# 1. user --------------------------------------------------------------------------------------------
-service_user() {
-  if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
-    log "creating system user $SERVICE_USER"
-    useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home --shell /usr/sbin/nologin \
-            "$SERVICE_USER"
-  fi
-}
-
-# 2. virtual environment ------------------------------------------------------------------------------
-install_venv() {
-  install -d -m 0755 "$PREFIX" "$PREFIX/docs"
-  # install-dashboard.sh's venv is the same checkout's: upgraded too
-  if [[ -x "$VENV/bin/python" && ! -f "$VENV/$VENV_MARK" && ! -f "$VENV/.installed-by-install-dashboard" ]]; then
-    local have
-    have="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("smearscope"))' 2>/dev/null)" \
-      || die "$VENV exists but has no smearscope installed; install it there (or move that venv away and run this again)"
-    log "using the venv already in $VENV (smearscope $have, a station's?): not changed; upgrade it the way it was installed (install-jetson.sh on a station)"
-    return 0
-  fi
-  # marked before it is made: a venv a failed python3 -m venv left (no python3-venv: its python, no
-  # pip) is this script's, made again on the rerun, not taken for a station's
-  if [[ ! -x "$VENV/bin/python" || ! -x "$VENV/bin/pip" ]]; then
-    log "creating the venv $VENV"
-    install -d -m 0755 "$VENV"
-    touch "$VENV/$VENV_MARK"
-    "$PYTHON" -m venv "$VENV" || die "cannot make a venv with $PYTHON (Debian/Ubuntu: apt install python3-venv, then run this again)"
-  fi
-  touch "$VENV/$VENV_MARK"
-  log "installing smearscope from $SRC into $VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "$SRC"
-  [[ -x "$VENV/bin/smearscope" ]] || die "pip installed no $VENV/bin/smearscope"
-}
-
-# 3. state directory, environment file, password ------------------------------------------------------
+# 3. state directory -----------------------------------------------------------------------------------
 state_dir() {
   install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR"
-}
-
-install_env() {
-  # /etc/smearscope is a station's already (0750 root:smearscope): left as it is.
-  [[ -d "$CONF_DIR" ]] || install -d -m 0755 -o root -g root "$CONF_DIR"
-  if [[ -e "$ENV_FILE" ]]; then
-    log "keeping $ENV_FILE (never overwritten)"
-  else
-    log "installing $ENV_FILE from config/archive.env.example: set the broker and the login there"
-    install -m 0640 -o root -g root "$SRC/config/archive.env.example" "$ENV_FILE"
-  fi
-}
-
-# Read by systemd as root (LoadCredential=), never by the archive's user.
-install_password() {
-  if [[ -e "$PASSWORD_PATH" ]]; then
-    log "keeping $PASSWORD_PATH (never overwritten)"
-  else
-    log "creating $PASSWORD_PATH, empty: write the archive's broker password in it"
-    (umask 077; : > "$PASSWORD_PATH")
-  fi
-  chown root:root "$PASSWORD_PATH"
-  chmod 0600 "$PASSWORD_PATH"
 }
 
 # 4. HL7 folder ----------------------------------------------------------------------------------------
@@ -147,30 +87,11 @@ hl7_dir() {
   fi
 }
 
-# 5. unit and docs ---------------------------------------------------------------------------------------
-install_unit() {
-  install -m 0644 "$SRC/docs/ARCHIVE.md" "$SRC/docs/HL7.md" "$PREFIX/docs/"  # the unit's Documentation=
-  install -m 0644 "$SRC/systemd/$UNIT" "$UNIT_DIR/$UNIT"
-  systemctl daemon-reload
-  systemctl enable "$UNIT"
-}
-
 # 6. what is left to do ----------------------------------------------------------------------------------
-env_value() {  # the last KEY=VALUE of the env file, quotes taken off, as systemd reads a plain one
-  local line
-  line="$(grep -E "^[[:space:]]*$1=" "$ENV_FILE" | tail -n 1)" || return 0
-  line="${line#*=}"
-  line="${line%"${line##*[![:space:]]}"}"
-  if [[ ${#line} -ge 2 && ( ( "${line:0:1}" == '"' && "${line: -1}" == '"' ) || ( "${line:0:1}" == "'" && "${line: -1}" == "'" ) ) ]]; then
-    line="${line:1:${#line}-2}"
-  fi
-  printf '%s' "$line"
-}
-
 check_env() {
   local broker options username="" ca="" password_file="" hl7="" opt value i
   local -a words
-  if cmp -s "$SRC/config/archive.env.example" "$ENV_FILE"; then
+  if cmp -s "$ENV_EXAMPLE" "$ENV_FILE"; then
     todo "$ENV_FILE is still the example: set ARCHIVE_BROKER to your broker's address and ARCHIVE_OPTIONS (--ca-file, --username)"
   fi
   broker="$(env_value ARCHIVE_BROKER)"
@@ -203,9 +124,8 @@ check_env() {
       todo "$ca cannot be read by $SERVICE_USER (the archive reads it as that user): put it where that user can, e.g. /usr/local/share/ca-certificates/, and name it in ARCHIVE_OPTIONS"
     fi
   fi
-  # A file holding only a line ending ("echo > file"), after a byte order mark or not, is empty.
   local held
-  held="$(tr -d '\r\n' < "$PASSWORD_PATH" | LC_ALL=C sed '1s/^\xef\xbb\xbf//')"
+  held="$(password_held)"
   if [[ -n "$username" && -z "$password_file" && -z "$held" ]]; then
     todo "write the broker password of user '$username' into $PASSWORD_PATH (it stays root-only, 0600; systemd hands it to the archive): empty, the archive refuses to start"
   elif [[ -z "$username" && -n "$held" ]]; then
@@ -244,22 +164,7 @@ main() {
   install_unit
   check_env
   archived
-  if [[ ${#TODO[@]} -gt 0 ]]; then
-    log "left to do:"
-    printf '    - %s\n' "${TODO[@]}"
-    if [[ "${START:-0}" == 1 ]]; then
-      log "not started (the above first); then: sudo systemctl restart $UNIT && journalctl -u smearscope-archive -f"
-      exit 1
-    fi
-    log "then: sudo systemctl restart $UNIT && journalctl -u smearscope-archive -f"
-    return 0
-  fi
-  if [[ "${START:-0}" == 1 ]]; then
-    systemctl restart "$UNIT"
-    log "started; follow it with: journalctl -u smearscope-archive -f"
-  else
-    log "installed; start with: sudo systemctl restart $UNIT && journalctl -u smearscope-archive -f"
-  fi
+  finish "started; follow it with: journalctl -u smearscope-archive -f"
 }
 
 # Sourced (tests/test_install_archive.py): the functions only.

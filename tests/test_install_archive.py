@@ -1,7 +1,5 @@
-"""systemd/install-archive.sh run here with its functions sourced and every path moved under tmp_path:
-useradd, getent, runuser and systemctl are stubs that log what they are asked, `install -o/-g` and
-`chown` drop the ownership (the log keeps it), python3 makes a stub venv whose pip logs its calls and
-whose `smearscope` is this checkout's. What the real pip, useradd and systemd do is not run here."""
+"""systemd/install-archive.sh run here with its functions sourced and every path moved under tmp_path,
+with the stubs of tests/install_harness.py. What the real pip, useradd and systemd do is not run here."""
 
 from __future__ import annotations
 
@@ -9,101 +7,30 @@ import os
 import shlex
 import shutil
 import sqlite3
-import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from install_harness import REPO, SMEARSCOPE, InstallServer, file_mode
 
-REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "systemd" / "install-archive.sh"
 EXAMPLE_ENV = REPO / "config" / "archive.env.example"
-SMEARSCOPE = Path(sys.executable).with_name("smearscope")
-
-FAKE_PIP = f"""#!/usr/bin/env bash
-printf '%s\\n' "$*" >> "$PIPLOG"
-if [[ "$1" == install && "${{@: -1}}" != pip ]]; then
-  rm -f "$(dirname "$0")/smearscope"  # never written through a link to a real one
-  printf '#!/usr/bin/env bash\\nexec {shlex.quote(str(SMEARSCOPE))} "$@"\\n' > "$(dirname "$0")/smearscope"
-  chmod 755 "$(dirname "$0")/smearscope"
-fi
-"""
-
-# python3 as found on the server: `-m venv DIR` makes the stub venv; FAKE_PY_OLD makes it a 3.8.
-FAKE_PYTHON = f"""#!/usr/bin/env bash
-if [[ -n "${{FAKE_PY_OLD:-}}" && "$*" == *version_info* ]]; then
-  [[ "$*" == *print* ]] && {{ echo 3.8; exit 0; }}
-  exit 1
-fi
-if [[ "$1 $2" == "-m venv" ]]; then
-  printf 'venv %s\\n' "$3" >> "$PIPLOG"
-  mkdir -p "$3/bin"
-  printf '#!/usr/bin/env bash\\nexec {shlex.quote(sys.executable)} "$@"\\n' > "$3/bin/python"
-  chmod 755 "$3/bin/python"
-  if [[ -n "${{FAKE_NO_ENSUREPIP:-}}" ]]; then  # Debian's python3 without python3-venv: no pip, exit 1
-    echo "The virtual environment was not created successfully because ensurepip is not available." >&2
-    exit 1
-  fi
-  cp "$FAKE_PIP" "$3/bin/pip"
-  chmod 755 "$3/bin/pip"
-  exit 0
-fi
-exec {shlex.quote(sys.executable)} "$@"
-"""
-
-STUBS = """
-is_root() { :; }
-install() { local a=(); while (($#)); do case $1 in -o|-g) printf 'owner %s %s\\n' "$1" "$2" >> "$INSTALLLOG"; shift 2;;
-  *) a+=("$1"); shift;; esac; done; printf 'install %s\\n' "${a[*]}" >> "$INSTALLLOG"; command install "${a[@]}"; }
-chown() { printf 'chown %s\\n' "$*" >> "$INSTALLLOG"; }
-id() { [[ "$1" == -u ]] && grep -qx "$2" "$FAKE_USERS" 2>/dev/null; }
-useradd() { printf 'useradd %s\\n' "$*" >> "$SYSLOG"; echo "${@: -1}" >> "$FAKE_USERS"; }
-getent() { [[ "$1" == group ]] && grep -qx "$2" "$FAKE_GROUPS" 2>/dev/null; }
-runuser() { printf 'runuser %s\\n' "$*" >> "$SYSLOG"; shift 3; "$@"; }
-systemctl() { printf 'systemctl %s\\n' "$*" >> "$SYSLOG"; }
-"""
 
 
-class Server:
-    """One clinic server under tmp_path: the script's paths, its stubs and their logs."""
+class Server(InstallServer):
+    """A clinic server for install-archive.sh: also its state and HL7 folders, and the group mirth."""
+
+    script = INSTALL
+    knobs = ("START", "HL7", "HL7_GROUP")
 
     def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path
-        self.prefix = tmp_path / "opt" / "smearscope"
-        self.etc = tmp_path / "etc" / "smearscope"
+        super().__init__(tmp_path)
         self.state = tmp_path / "var" / "lib" / "smearscope-archive"
         self.hl7 = tmp_path / "var" / "spool" / "smearscope-hl7"
-        self.units = tmp_path / "etc" / "systemd" / "system"
-        self.units.mkdir(parents=True)
-        (tmp_path / "run-systemd").mkdir()
         (tmp_path / "groups").write_text("mirth\n")
-        stubs = tmp_path / "stubs"
-        stubs.mkdir()
-        (stubs / "pip").write_text(FAKE_PIP)
-        (stubs / "python3").write_text(FAKE_PYTHON)
-        (stubs / "python3").chmod(0o755)
 
-    def run(self, call: str = "main", **env: str) -> subprocess.CompletedProcess:
-        t = self.root
-        full_env = {**os.environ, "PREFIX": str(self.prefix), "CONF_DIR": str(self.etc), "STATE_DIR": str(self.state),
-                    "HL7_DIR": str(self.hl7), "UNIT_DIR": str(self.units), "SYSTEMD_RUN_DIR": str(t / "run-systemd"),
-                    "PYTHON": str(t / "stubs" / "python3"), "FAKE_PIP": str(t / "stubs" / "pip"),
-                    "PIPLOG": str(t / "pip.log"), "INSTALLLOG": str(t / "install.log"), "SYSLOG": str(t / "sys.log"),
-                    "FAKE_USERS": str(t / "users"), "FAKE_GROUPS": str(t / "groups"), **env}
-        for knob in ("START", "HL7", "HL7_GROUP"):
-            full_env.setdefault(knob, "")
-        script = f"source {shlex.quote(str(INSTALL))}\n{STUBS}\n{call}\n"
-        return subprocess.run(["bash", "-c", script], env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    def log(self, name: str) -> list[str]:
-        path = self.root / name
-        return path.read_text().splitlines() if path.exists() else []
-
-    def clear_logs(self) -> None:
-        for name in ("pip.log", "install.log", "sys.log"):
-            (self.root / name).unlink(missing_ok=True)
+    def paths(self) -> dict[str, str]:
+        return {**super().paths(), "STATE_DIR": str(self.state), "HL7_DIR": str(self.hl7)}
 
 
 def _smearscope(venv: Path) -> None:
@@ -111,10 +38,6 @@ def _smearscope(venv: Path) -> None:
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     (venv / "bin" / "smearscope").write_text(f'#!/usr/bin/env bash\nexec {shlex.quote(str(SMEARSCOPE))} "$@"\n')
     (venv / "bin" / "smearscope").chmod(0o755)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def _configure(server: Server, ca: Path) -> None:
@@ -146,14 +69,14 @@ def test_a_first_run_installs_the_archive_and_says_what_is_left(tmp_path: Path) 
     assert (server.prefix / "venv" / "bin" / "smearscope").exists()
     installs = server.log("install.log")
     # the state folder: the archive user's, 0750
-    assert _mode(server.state) == 0o750 and f"install -d -m 0750 {server.state}" in installs
+    assert file_mode(server.state) == 0o750 and f"install -d -m 0750 {server.state}" in installs
     i = installs.index(f"install -d -m 0750 {server.state}")
     assert installs[i - 2:i] == ["owner -o smearscope-archive", "owner -g smearscope-archive"]
     # archive.env: the example, root's, 0640; the password: there, empty, 0600, root's
     env = server.etc / "archive.env"
-    assert env.read_bytes() == EXAMPLE_ENV.read_bytes() and _mode(env) == 0o640
+    assert env.read_bytes() == EXAMPLE_ENV.read_bytes() and file_mode(env) == 0o640
     password = server.etc / "archive-mqtt-password"
-    assert password.stat().st_size == 0 and _mode(password) == 0o600
+    assert password.stat().st_size == 0 and file_mode(password) == 0o600
     assert f"chown root:root {password}" in installs
     # the unit and its Documentation=, reloaded and enabled, not started
     unit = server.units / "smearscope-archive.service"
@@ -183,7 +106,7 @@ def test_a_second_run_overwrites_nothing_and_starts_a_configured_archive(tmp_pat
     proc = server.run(START="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert env.read_bytes() == env_before and password.read_bytes() == password_before
-    assert _mode(password) == 0o600
+    assert file_mode(password) == 0o600
     assert f"keeping {env} (never overwritten)" in proc.stdout
     assert f"keeping {password} (never overwritten)" in proc.stdout
     sys_log = server.log("sys.log")
@@ -259,7 +182,7 @@ def test_the_hl7_folder_for_the_interface_engine_group(tmp_path: Path) -> None:
     server = Server(tmp_path)
     proc = server.run(HL7_GROUP="mirth")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _mode(server.hl7) == 0o2770  # setgid: each file the archive writes is group mirth
+    assert file_mode(server.hl7) == 0o2770  # setgid: each file the archive writes is group mirth
     installs = server.log("install.log")
     i = installs.index(f"install -d -m 2770 {server.hl7}")
     assert installs[i - 2:i] == ["owner -o smearscope-archive", "owner -g mirth"]
@@ -272,7 +195,7 @@ def test_the_hl7_folder_for_the_interface_engine_group(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "--hl7-dir" not in proc.stdout.split("left to do:")[-1]
     assert not any(str(server.hl7) in line for line in server.log("install.log"))
-    assert _mode(server.hl7) == 0o2770
+    assert file_mode(server.hl7) == 0o2770
 
 
 def test_without_hl7_group_the_folder_is_the_archive_users_alone(tmp_path: Path) -> None:
@@ -281,7 +204,7 @@ def test_without_hl7_group_the_folder_is_the_archive_users_alone(tmp_path: Path)
     installs = server.log("install.log")
     i = installs.index(f"install -d -m 0750 {server.hl7}")
     assert installs[i - 2:i] == ["owner -o smearscope-archive", "owner -g smearscope-archive"]
-    assert _mode(server.hl7) == 0o750
+    assert file_mode(server.hl7) == 0o750
 
 
 @pytest.mark.parametrize(("env", "why"), [

@@ -1,64 +1,26 @@
 """systemd/install-dashboard.sh run here with its functions sourced and every path moved under tmp_path,
-with the stubs of tests/test_install_archive.py (useradd, runuser, systemctl log what they are asked;
+with the stubs of tests/install_harness.py (useradd, runuser, systemctl log what they are asked;
 `install -o/-g` and `chown` drop the ownership; python3 makes a stub venv whose pip logs its calls and
 whose `smearscope` is this checkout's). What the real pip, useradd and systemd do is not run here."""
 
 from __future__ import annotations
 
-import os
-import shlex
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from test_install_archive import FAKE_PIP, FAKE_PYTHON, STUBS
+from install_harness import REPO, InstallServer, file_mode
 
-REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "systemd" / "install-dashboard.sh"
 EXAMPLE_ENV = REPO / "config" / "dashboard.env.example"
 UNIT = "smearscope-dashboard.service"
 
 
-class Server:
-    """One clinic server under tmp_path: the script's paths, its stubs and their logs."""
+class Server(InstallServer):
+    """A clinic server for install-dashboard.sh."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path
-        self.prefix = tmp_path / "opt" / "smearscope"
-        self.etc = tmp_path / "etc" / "smearscope"
-        self.units = tmp_path / "etc" / "systemd" / "system"
-        self.units.mkdir(parents=True)
-        (tmp_path / "run-systemd").mkdir()
-        stubs = tmp_path / "stubs"
-        stubs.mkdir()
-        (stubs / "pip").write_text(FAKE_PIP)
-        (stubs / "python3").write_text(FAKE_PYTHON)
-        (stubs / "python3").chmod(0o755)
-
-    def run(self, call: str = "main", **env: str) -> subprocess.CompletedProcess:
-        t = self.root
-        full_env = {**os.environ, "PREFIX": str(self.prefix), "CONF_DIR": str(self.etc), "UNIT_DIR": str(self.units),
-                    "SYSTEMD_RUN_DIR": str(t / "run-systemd"), "PYTHON": str(t / "stubs" / "python3"),
-                    "FAKE_PIP": str(t / "stubs" / "pip"), "PIPLOG": str(t / "pip.log"),
-                    "INSTALLLOG": str(t / "install.log"), "SYSLOG": str(t / "sys.log"),
-                    "FAKE_USERS": str(t / "users"), "FAKE_GROUPS": str(t / "groups"), "START": "", **env}
-        script = f"source {shlex.quote(str(INSTALL))}\n{STUBS}\n{call}\n"
-        return subprocess.run(["bash", "-c", script], env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    def log(self, name: str) -> list[str]:
-        path = self.root / name
-        return path.read_text().splitlines() if path.exists() else []
-
-    def clear_logs(self) -> None:
-        for name in ("pip.log", "install.log", "sys.log"):
-            (self.root / name).unlink(missing_ok=True)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
+    script = INSTALL
 
 
 def test_a_first_run_installs_the_dashboard_and_says_what_is_left(tmp_path: Path) -> None:
@@ -71,8 +33,8 @@ def test_a_first_run_installs_the_dashboard_and_says_what_is_left(tmp_path: Path
     assert server.log("pip.log") == [f"venv {server.prefix / 'venv'}", "install --quiet --upgrade pip",
                                      f"install --quiet {REPO}"]
     env, password = server.etc / "dashboard.env", server.etc / "dashboard-mqtt-password"
-    assert env.read_bytes() == EXAMPLE_ENV.read_bytes() and _mode(env) == 0o640
-    assert password.stat().st_size == 0 and _mode(password) == 0o600
+    assert env.read_bytes() == EXAMPLE_ENV.read_bytes() and file_mode(env) == 0o640
+    assert password.stat().st_size == 0 and file_mode(password) == 0o600
     # the password file is the one the unit's LoadCredential= reads, under the name the dashboard reads
     unit = server.units / UNIT
     assert unit.read_bytes() == (REPO / "systemd" / UNIT).read_bytes()
@@ -98,7 +60,7 @@ def test_a_second_run_overwrites_nothing_and_starts_a_configured_dashboard(tmp_p
     server.clear_logs()
     proc = server.run(START="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (env.read_bytes(), password.read_bytes()) == before and _mode(password) == 0o600
+    assert (env.read_bytes(), password.read_bytes()) == before and file_mode(password) == 0o600
     assert not any(c.startswith("useradd") for c in server.log("sys.log"))
     assert server.log("pip.log") == ["install --quiet --upgrade pip", f"install --quiet {REPO}"]
     assert [c for c in server.log("sys.log") if c.startswith("systemctl")] == [
@@ -147,3 +109,16 @@ def test_shellcheck_passes() -> None:
 
 def test_bash_parses_it() -> None:
     subprocess.run(["bash", "-n", str(INSTALL)], check=True, timeout=30)
+
+
+@pytest.mark.parametrize("name", ["install-dashboard.sh", "install-archive.sh"])
+def test_a_script_copied_without_install_common_says_to_run_it_from_a_checkout(tmp_path: Path, name: str) -> None:
+    """Both scripts source systemd/install-common.sh from beside them: one copied alone says so, changing nothing."""
+    copy = tmp_path / "systemd" / name
+    copy.parent.mkdir()
+    shutil.copy(REPO / "systemd" / name, copy)
+    proc = subprocess.run(["bash", str(copy)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert proc.returncode == 1
+    assert f"error: run from a smearscope checkout ({tmp_path} has no systemd/install-common.sh)" in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == [copy.parent, copy]
