@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from broker import (
     MOSQUITTO_PASSWD,
@@ -22,8 +23,9 @@ from broker import (
     TlsMaterial,
     wait_until,
 )
+from paho.mqtt.enums import CallbackAPIVersion
 from test_daemon import start_daemon, stop_daemon, write_station
-from test_publisher import BASE, make_config, start_publisher
+from test_publisher import BASE, make_config, start_publisher, stop_publisher
 
 from smearscope.service.mqtt.publisher import MqttPublisher
 
@@ -272,3 +274,80 @@ def test_broker_restarts_leave_the_publishers_sockets_and_threads_as_they_were(
         assert wait_until(lambda outage=outage: publisher.state.delivered == outage, 15), publisher.state
         assert publisher.state.connects == outage + 1, publisher.state
     assert wait_until(lambda: _sockets_and_threads() == before, 5), (before, _sockets_and_threads())
+
+
+def _hold_every_slot(broker: MosquittoBroker) -> list[mqtt.Client]:
+    """Clients holding the connections of a broker at max_connections until one is turned away."""
+    holders: list[mqtt.Client] = []
+    while len(holders) < 4:  # mosquitto 2.0.11 lets max_connections + 1 in
+        holder = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"holder{len(holders)}")
+        holder.username_pw_set("observer", MQTT_USERS["observer"])
+        holder.connect("127.0.0.1", broker.port)
+        holder.loop_start()
+        holders.append(holder)
+        if not wait_until(holder.is_connected, 5):
+            holder.loop_stop()
+            holders.pop()
+            return holders
+    raise AssertionError("the broker took every holder")
+
+
+def test_a_full_broker_closing_the_connection_is_not_said_to_be_the_wrong_port(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """mosquitto at max_connections, its slots held, breaks each further connection before the CONNACK:
+    a reset, or a close with no error as a TLS listener closes a plain CONNECT. The station, given the
+    right port, said the close as "is it the broker's MQTT port? ... a TLS listener? add [mqtt.tls]"; it
+    says the broker closed it (its port answers no TLS handshake), once, then quiet."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, listener_extra=("max_connections 1",))
+    holders: list[mqtt.Client] = []
+    try:
+        broker.start()
+        holders = _hold_every_slot(broker)
+        turned_away = lambda: broker.log().count("denied: max_connections exceeded")
+        before = turned_away()  # the holder turned away, and its retries
+        with caplog.at_level(logging.DEBUG, logger=PUBLISHER_LOG):
+            publisher = start_publisher(make_config(tmp_path, broker.port), started)
+            attempts = lambda: _said(caplog, f"broker 127.0.0.1:{broker.port} ")
+            # mosquitto resets most ([Errno 104]: the CONNECT came before it turned the connection away); the
+            # few it turns away first it closes with no error, as a TLS listener closes a plain CONNECT
+            quiet = lambda: [r for r in attempts() if "[Errno" not in r.getMessage()]
+            assert wait_until(lambda: len(quiet()) >= 1 and len(attempts()) >= 4, 120), \
+                [r.getMessage() for r in attempts()]
+            stop_publisher(publisher, started, drain_timeout=0)
+        said = [r for r in attempts() if r.levelno >= logging.WARNING]
+        assert quiet()[0].getMessage().startswith(f"broker 127.0.0.1:{broker.port} closed the connection before "
+                                                  "answering CONNECT (closed, no error given); retrying")
+        for record in said:  # each failure once (a reset, a close), and none of them the wrong port
+            message = record.getMessage()
+            assert "TLS" not in message and "MQTT port" not in message and "[mqtt.tls]" not in message, message
+        assert len(said) <= 2, [r.getMessage() for r in said]
+        assert publisher.state.connects == 0, publisher.state
+        # the TLS handshake asked once for the streak (it holds paho's thread up to 3 s), not at each attempt:
+        # the broker turned away each attempt (one more where the stop cut one short) and one handshake
+        n = len(attempts())
+        assert n + 1 <= turned_away() - before <= n + 2, (turned_away() - before, n)
+    finally:
+        for holder in holders:
+            holder.disconnect()
+            holder.loop_stop()
+        broker.stop()
+
+
+def test_a_tls_listener_given_as_a_plain_port_is_said_with_the_tls_to_add(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], broker_with: Callable[..., MosquittoBroker],
+    tls_material: TlsMaterial, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker's TLS listener as [mqtt] port without [mqtt.tls]: mosquitto closes the plain CONNECT
+    as a full broker does; its port answers a TLS handshake, so the station says to add [mqtt.tls]."""
+    broker = broker_with(tls=tls_material)
+    assert broker.tls_port is not None
+    with caplog.at_level(logging.DEBUG, logger=PUBLISHER_LOG):
+        publisher = start_publisher(make_config(tmp_path, broker.tls_port), started)
+        closed = lambda: _said(caplog, f"broker 127.0.0.1:{broker.tls_port} closed the connection before answering")
+        assert wait_until(lambda: len(closed()) >= 2, 30), [r.getMessage() for r in caplog.records]
+    said = [r for r in closed() if r.levelno >= logging.WARNING]
+    assert 1 <= len(said) <= 2, [r.getMessage() for r in closed()]  # a reset, a close with no error: each once
+    for record in said:
+        assert "its port answers in TLS: add [mqtt.tls]" in record.getMessage(), record.getMessage()
+    assert publisher.state.connects == 0

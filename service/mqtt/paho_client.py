@@ -254,9 +254,11 @@ def speaks_tls(host: str, port: int, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
+def closed_before_connack(config: MqttConfig, socket_error: str, speaks_tls: bool = False) -> str:
     """What the station says when the broker closed the connection before answering CONNECT. Under
-    TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate."""
+    TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate. A TLS
+    listener is named only where its port was seen to answer in TLS (`speaks_tls`): a full or stopping
+    broker closes a plain connection the same way."""
     where = f"broker {config.address}"
     if config.tls is not None and refuses_client_cert(socket_error):
         cert = config.tls.certfile
@@ -264,16 +266,18 @@ def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
                 if cert is not None else
                 f"asks for a client certificate ({socket_error}) and [mqtt.tls] names none (certfile, keyfile)")
         return f"{where} {what}; reports wait in the outbox; retrying"
-    return f"{where} closed the connection before answering CONNECT ({socket_error}); retrying"
+    scheme = ("; its port answers in TLS: add [mqtt.tls] with the CA that signed the broker's certificate (ca_file)"
+              if speaks_tls and config.tls is None else "")
+    return f"{where} closed the connection before answering CONNECT ({socket_error}){scheme}; retrying"
 
 
 def no_connack(config: MqttConfig, reason: str) -> str:
     """What the station says when a port took the connection and gave no CONNACK: no answer within the
     keepalive, or one that is not MQTT (a WebSockets listener answers CONNECT with HTTP)."""
-    other = ('a WebSockets listener (a dashboard\'s port)? set [mqtt] transport = "websockets"; '
-             if config.transport == "tcp" else 'a plain MQTT listener? set [mqtt] transport = "tcp"; ')
+    other = ('a WebSockets listener (a dashboard\'s port)? set [mqtt] transport = "websockets"'
+             if config.transport == "tcp" else 'a plain MQTT listener? set [mqtt] transport = "tcp"')
     return (f"broker {config.address} took the connection but gave no MQTT answer to CONNECT ({reason}): is it "
-            f"the broker's MQTT port? ({other}a TLS listener? add [mqtt.tls]); retrying with backoff up to "
+            f"the broker's MQTT port? ({other}); retrying with backoff up to "
             f"{config.reconnect_max_delay_s} s, reports wait in the outbox")
 
 
