@@ -122,6 +122,7 @@ class ArchiveDaemon:
         self._refused_last = False  # the last failure a refusal (the broker reachable), not out of reach
         self._connack_refused = False  # this attempt's CONNACK a refusal (said by _on_connect)
         self._socket_error: str | None = None  # why this attempt's socket broke before a CONNACK (paho's log)
+        self._tls_verdict: bool | None = None  # whether the port answers in TLS, asked once while connections break
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
@@ -205,8 +206,14 @@ class ArchiveDaemon:
                 # paho names a socket closed without an error (a full broker's) "Unspecified error"
                 broken = socket_error is not None or reason_code.getName() == "Unspecified error"
                 reason = socket_error or ("closed, no error given" if broken else reason_code.getName())
-                self._say_unreachable(no_mqtt_answer(self.config, reason, broken))
+                if self._tls_verdict is None and broken:  # once per streak: it holds paho's thread up to 3 s
+                    mqtt_config = self.config.mqtt
+                    self._tls_verdict = mqtt_config.tls is None and speaks_tls(mqtt_config.host, mqtt_config.port)
+                self._say_unreachable(no_mqtt_answer(self.config, reason, broken, bool(self._tls_verdict)))
+            if refused or socket_error is None and reason_code.getName() != "Unspecified error":
+                self._tls_verdict = None  # this streak of broken connections ended
             return
+        self._tls_verdict = None
         was_taken_over = self._take_over.taken_over
         loss = self._take_over.lost(int(reason_code.value))
         if not loss.taken_over:
@@ -422,10 +429,10 @@ class ArchiveDaemon:
             return stored
 
 
-def no_mqtt_answer(config: ArchiveConfig, reason: str, socket_broken: bool) -> str:
+def no_mqtt_answer(config: ArchiveConfig, reason: str, socket_broken: bool, port_speaks_tls: bool) -> str:
     """What the archive says when the broker's port took the connection but gave no CONNACK. A socket broken
     before it (`socket_broken`) is said as such, the scheme named only where the port is seen to speak TLS
-    (a full or stopping broker breaks it too); under TLS, a broker that refuses the client certificate (or
+    (`port_speaks_tls`, paho_client.speaks_tls asked once per streak; a full or stopping broker breaks it too); under TLS, a broker that refuses the client certificate (or
     its lack) breaks the connection so."""
     mqtt_config = config.mqtt
     tls = mqtt_config.tls
@@ -438,7 +445,7 @@ def no_mqtt_answer(config: ArchiveConfig, reason: str, socket_broken: bool) -> s
         return f"broker {mqtt_config.address} {what}; {retrying}"
     if socket_broken:
         scheme = ("; its port answers in TLS: use mqtts://HOST:PORT with --ca-file"
-                  if tls is None and speaks_tls(mqtt_config.host, mqtt_config.port) else "")
+                  if tls is None and port_speaks_tls else "")
         return f"broker {mqtt_config.address} closed the connection before answering CONNECT ({reason}){scheme}; {retrying}"
     return (f"broker {mqtt_config.address} took the connection but gave no MQTT answer to CONNECT ({reason}): is "
             f"--broker the broker's MQTT port? (a WebSockets listener, a dashboard's port, does not serve the "
