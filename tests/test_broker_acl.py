@@ -148,6 +148,7 @@ def test_the_example_broker_config_serves_stations_over_tls_and_websockets_and_a
             publisher.stop(drain_timeout=0)
             publisher.outbox.close()
         technician.close()
+        broker.stop()
 
 
 #: /etc/mosquitto/mosquitto.conf as Debian 12's and Ubuntu 22.04's mosquitto package installs it.
@@ -305,6 +306,7 @@ def test_a_station_reads_its_own_retained_run_state_and_no_other_stations(tmp_pa
         for client in (station_7, station_8):
             client.loop_stop()
             client.disconnect()
+        broker.stop()
 
 
 def test_the_archive_account_reads_every_stations_reports_and_bundles_and_nothing_else(tmp_path: Path) -> None:
