@@ -315,7 +315,7 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
 def test_nothing_typed_yet_and_typing_off_say_so(tmp_path):
     path, analyzer, feed = _station(tmp_path, "typing = false")
     try:
-        image = _fields(tmp_path, [500])[0][0]
+        image = _fields(tmp_path, [500])[0][0]  # a field whose review offers red cells to type
         pixels = cv2.imread(str(image))
         result = analyzer.analyze(Frame(pixels, "f", str(image), microns_per_pixel=0.1), run_id="run-1")
         assert all(c.head_features is None for c in result.cells)
@@ -731,7 +731,7 @@ def test_red_cells_at_an_estimated_scale_are_offered_no_size_based_type(tmp_path
     plain = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
     plain.attach_wbc_head(analyzer.wbc_head)  # no RBC head: red cells are not typeable
     try:
-        image = _fields(tmp_path, [505])[0][0]
+        image = _fields(tmp_path, [500])[0][0]
         pixels = cv2.imread(str(image))
         result = analyzer.analyze(Frame(pixels, image.name, str(image)))  # no scale: estimated
         assert result.report.scale.method != "given"
