@@ -45,10 +45,11 @@ from smearscope.service.mqtt.network_thread import NetworkThreadWatch
 from smearscope.service.mqtt.paho_client import (
     LOGIN_REFUSED,
     PAHO_SOCKET_LOST,
+    TlsProbe,
+    closed_unanswered,
     configured_client,
     paho_log_level,
     refuses_client_cert,
-    speaks_tls,
 )
 from smearscope.service.mqtt.take_over import (
     SHORT_LIVED_S,
@@ -122,7 +123,7 @@ class ArchiveDaemon:
         self._refused_last = False  # the last failure a refusal (the broker reachable), not out of reach
         self._connack_refused = False  # this attempt's CONNACK a refusal (said by _on_connect)
         self._socket_error: str | None = None  # why this attempt's socket broke before a CONNACK (paho's log)
-        self._tls_verdict: bool | None = None  # whether the port answers in TLS, asked once while connections break
+        self._tls_probe = TlsProbe()  # whether the port answers in TLS, asked once while connections break
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
@@ -202,18 +203,15 @@ class ArchiveDaemon:
         if not was:
             # A port that took the connection and broke it, or answered CONNECT with no MQTT (a TLS
             # listener given as mqtt://, a WebSockets one): no other callback says why.
-            if not refused and (socket_error is not None or reason_code.is_failure):
-                # paho names a socket closed without an error (a full broker's) "Unspecified error"
-                broken = socket_error is not None or reason_code.getName() == "Unspecified error"
+            broken = closed_unanswered(socket_error, reason_code)
+            if not refused and (broken or reason_code.is_failure):
                 reason = socket_error or ("closed, no error given" if broken else reason_code.getName())
-                if self._tls_verdict is None and broken:  # once per streak: it holds paho's thread up to 3 s
-                    mqtt_config = self.config.mqtt
-                    self._tls_verdict = mqtt_config.tls is None and speaks_tls(mqtt_config.host, mqtt_config.port)
-                self._say_unreachable(no_mqtt_answer(self.config, reason, broken, bool(self._tls_verdict)))
-            if refused or socket_error is None and reason_code.getName() != "Unspecified error":
-                self._tls_verdict = None  # this streak of broken connections ended
+                tls = broken and self._tls_probe.port_speaks_tls(self.config.mqtt)
+                self._say_unreachable(no_mqtt_answer(self.config, reason, broken, tls))
+            if refused or not broken:
+                self._tls_probe.streak_ended()
             return
-        self._tls_verdict = None
+        self._tls_probe.streak_ended()
         was_taken_over = self._take_over.taken_over
         loss = self._take_over.lost(int(reason_code.value))
         if not loss.taken_over:
@@ -347,10 +345,6 @@ class ArchiveDaemon:
         self._check_take_over_ended()
         self._network.ensure_running(self.client, self._stop.is_set())
 
-    def _wait_holding(self, seconds: float) -> bool:
-        """Wait `seconds` before the next try to store a held message; True once stopped."""
-        return self._stop.wait(seconds)
-
     def handle(self, item: Incoming) -> None:
         """Store one message and acknowledge it; left unacknowledged only when stopping while the
         disk refuses it (the broker sends it again)."""
@@ -418,7 +412,7 @@ class ArchiveDaemon:
                                  "it and the reports behind it; trying again every %g s", _what(record),
                                  record.report_id, record.station, type(exc).__name__, exc, self.config.retry_s)
                     said = reason
-                if self._wait_holding(self.config.retry_s):
+                if self._stop.wait(self.config.retry_s):
                     logger.warning("stopping with %s %s unstored and unacknowledged: the broker sends it "
                                    "again at the next start", _what(record), record.report_id)
                     return None

@@ -82,7 +82,7 @@ class ConnectionEvents:
     _connack_refused: bool
     _failure_news: FailureNews
     #: whether the broker's port answers in TLS, asked once while connections close before the CONNACK
-    _tls_verdict: bool | None = None
+    _tls_probe: paho_client.TlsProbe
     _wake: threading.Event
     _telemetry_now: threading.Event
     _inflight: InFlight
@@ -204,26 +204,18 @@ class ConnectionEvents:
             if was_connected:
                 self._state = replace(self._state, status="disconnected", connected_since=None,
                                       last_error=f"connection lost: {reason_code.getName()}")
-        # paho names a socket closed with no error "Unspecified error": a full or stopping broker closes so
-        closed = socket_error is not None or reason_code.getName() == "Unspecified error"
+        closed = paho_client.closed_unanswered(socket_error, reason_code)
         if was_connected or refused or not closed:
-            self._tls_verdict = None  # this streak of closes ended: the next one is asked about again
+            self._tls_probe.streak_ended()  # the next close is asked about again
         if not was_connected and closed and not refused and not self._fallback_requested:
             # no callback says why; a TLS listener given a plain CONNECT closes it too (a reset, or no error)
             self._say_disconnected(paho_client.closed_before_connack(
-                self.config, socket_error or "closed, no error given", speaks_tls=self._port_speaks_tls()))
+                self.config, socket_error or "closed, no error given", speaks_tls=self._tls_probe.port_speaks_tls(self.config)))
         elif not was_connected and not refused and reason_code.is_failure and not self._fallback_requested:
             # no CONNACK within the keepalive, or an answer that is no MQTT (a WebSockets listener's HTTP)
             self._say_disconnected(paho_client.no_connack(self.config, reason_code.getName()))
         elif was_connected:
             self._connection_lost(client, reason_code)
-
-    def _port_speaks_tls(self) -> bool:
-        """Whether the broker's port answers a TLS handshake (paho_client.speaks_tls), asked once per streak
-        of connections closed before the CONNACK: the check holds paho's network thread for up to 3 s."""
-        if self._tls_verdict is None:
-            self._tls_verdict = self.config.tls is None and paho_client.speaks_tls(self.config.host, self.config.port)
-        return self._tls_verdict
 
     def _connection_lost(self, client: mqtt.Client, reason_code: ReasonCode) -> None:
         """A connection the broker closed: an outage, or another client logging in with this client id

@@ -254,6 +254,30 @@ def speaks_tls(host: str, port: int, timeout_s: float = 3.0) -> bool:
         return False
 
 
+def closed_unanswered(socket_error: str | None, reason_code: ReasonCode) -> bool:
+    """Whether a connection that ended before its CONNACK was closed on it: a socket error paho logged, or a
+    socket closed with no error, which paho names "Unspecified error" (a full or stopping broker; a TLS
+    listener given a plain CONNECT closes it either way)."""
+    return socket_error is not None or reason_code.getName() == "Unspecified error"
+
+
+class TlsProbe:
+    """Whether a broker's port answers in TLS (`speaks_tls`), asked once per streak of connections closed
+    before the CONNACK (the handshake holds paho's network thread up to 3 s) and asked again after the
+    streak ends (a connection, a refusal, another failure)."""
+
+    def __init__(self) -> None:
+        self._verdict: bool | None = None
+
+    def port_speaks_tls(self, config: MqttConfig) -> bool:
+        if self._verdict is None:
+            self._verdict = config.tls is None and speaks_tls(config.host, config.port)
+        return self._verdict
+
+    def streak_ended(self) -> None:
+        self._verdict = None
+
+
 def closed_before_connack(config: MqttConfig, socket_error: str, speaks_tls: bool = False) -> str:
     """What the station says when the broker closed the connection before answering CONNECT. Under
     TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate. A TLS

@@ -130,6 +130,7 @@ class MqttPublisher(ConnectionEvents):
         self._client_password: str | None = None  # the password and renewed TLS context the client has
         self._client_context: ssl.SSLContext | None = None
         self._failure_news = FailureNews()  # which failures are said (service.mqtt.failure_news)
+        self._tls_probe = paho_client.TlsProbe()  # a TLS listener given plain MQTT, asked once per streak
         self._wake = threading.Event()
         self._telemetry_bound = TelemetryBound()
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
