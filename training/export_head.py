@@ -73,6 +73,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
                                     f"{'+'.join(views)} averaged): {json.dumps({k: round(v, 1) for k, v in per_lab_q.items()})}"
                                     if per_lab_q else f"the run's own (train_wbc, {run.name}/open_set.npz)"))
     run_result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
+    defocused = bool(run_result.get("defocus")) or "test_defocus_closed_set" in run_result  # train_wbc --defocus
     path = export_classifier(
         head, name="wbc_head", classes=list(PBC_CLASSES), crop=WBC_CROP, arch=state["arch"], temperature=temperature,
         metrics={}, out_dir=out, open_set=open_set, preprocessing=Preprocessing(illumination="flatfield"), tta=views,
@@ -81,7 +82,9 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
         training_data={"labs": "PBC (CellaVision, 8 classes, seeded 80/10/10), BCCD (typed single-WBC images, VOC "
                                "split), chula_wbc_rpi (Raspberry Pi station, typed boxes, seeded 70/15/15 by blocks of "
                                "frames)", "recipe": "training.train_wbc (lab-balanced batches, random lab looks, lamp "
-                                                    "correction, the analyzer's crops; kept: best worst-lab val macro-F1)",
+                                                    "correction, the analyzer's crops; kept: best worst-lab val macro-F1)"
+                                                    + ("; --defocus: crops also out of focus, the labs' val out of "
+                                                       "focus joining the worst" if defocused else ""),
                        "run": str(run), "run_result": run_result, "splits": splits_record()},
         split_hashes=hd.split_manifest())
     # Measure the exported file the way the analyzer runs it.

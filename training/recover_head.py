@@ -78,8 +78,10 @@ def recover_head(onnx_path: Path, arch: str, calibration: np.ndarray | None = No
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)
         fc = model.net.get_classifier()
-        fc.weight.copy_(torch.from_numpy(inits["net.fc.weight"].copy()))
-        fc.bias.copy_(torch.from_numpy(inits["net.fc.bias"].copy()))
+        # the classifier's own names: `net.fc.*`, or `inner.net.fc.*` in a white-cell head's open-set graph
+        for part in ("weight", "bias"):
+            (name,) = [n for n in inits if n == f"net.fc.{part}" or n.endswith(f".net.fc.{part}")]
+            getattr(fc, part).copy_(torch.from_numpy(inits[name].copy()))
     model.eval()
     if calibration is not None and len(calibration):
         _calibrate(model, to_tensor(calibration))

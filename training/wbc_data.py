@@ -166,3 +166,9 @@ def to_crops(contexts: np.ndarray, spec: CropSpec = WBC_CROP, rng: np.random.Gen
             cx, cy = cx + d[0], cy + d[1]
         out[i] = crop_cell(ctx, (cx, cy), spec)
     return out
+
+
+def defocus_crops(contexts: np.ndarray, seed: int = 11) -> np.ndarray:
+    """`contexts`' head crops, each through a random lab's look AND out of focus (fixed seed:
+    the same crops for every head; `training.look.fresnel_defocus`)."""
+    return to_crops(contexts, rng=np.random.default_rng(seed), p_look=1.0, look=LookConfig(p_defocus=1.0))
