@@ -126,7 +126,9 @@ class Archive:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        assert wait_until(lambda: self.text().count("connected to broker") > self.starts, 30), self.text()
+        # until the broker answered its subscriptions: a report published before is not sent to it
+        answered = lambda: self.text().count("subscribed to ") + self.text().count("refused the archive's subscription")
+        assert wait_until(lambda: answered() > self.starts, 30), self.text()
         self.starts += 1
 
     starts = 0

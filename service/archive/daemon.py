@@ -132,6 +132,7 @@ class ArchiveDaemon:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_log = self._on_log
         self.client = client
 
@@ -169,8 +170,19 @@ class ArchiveDaemon:
             logger.warning("the broker had no session for %s: reports published while the archive was away "
                            "were not kept for it (a broker without persistence, restarted; or the session "
                            "expired); see docs/ARCHIVE.md", self.client_id)
-        for leaf in (REPORT_LEAF, FHIR_LEAF):
-            client.subscribe(f"{self.prefix}/+/{leaf}", qos=1)
+        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (REPORT_LEAF, FHIR_LEAF)])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list, properties: Any) -> None:
+        """The broker's answer to the subscriptions: until it, a report published is not sent to the
+        archive (nor kept for it in a new session). A refused one is an ACL without read there."""
+        topics = [f"{self.prefix}/+/{leaf}" for leaf in (REPORT_LEAF, FHIR_LEAF)]
+        refused = [f"{t} ({rc.getName()})" for t, rc in zip(topics, reason_codes) if rc.is_failure]
+        if refused:
+            logger.error("broker %s refused the archive's subscription to %s: give user %r read access there "
+                         "(docs/ARCHIVE.md); those reports are not archived", self.config.mqtt.address,
+                         " and ".join(refused), self.config.mqtt.username)
+        else:
+            logger.info("subscribed to %s", " and ".join(topics))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         exc = sys.exc_info()[1]  # paho calls this inside its except clause
