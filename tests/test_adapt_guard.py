@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,9 +168,10 @@ def test_adapt_wbc_refuses_a_swapped_typing_of_a_real_lab_unless_a_lab_manager_a
     """The Raspberry Pi station's val and test fields typed by their annotations: not refused as
     contradicted (59 cells matched; its 3 basophils the head calls monocyte are too few to judge).
     Neutrophils and lymphocytes swapped on every cell: leave-one-out is as good (the means
-    are only renamed) and was the only check; now refused, naming the classes and counts, the
-    confusion table on stderr, nothing written; written when a lab manager accepts both directions,
-    which the file records."""
+    are only renamed) and was the only check; with one direction accepted still refused for the
+    other, naming the classes and counts, the confusion table on stderr, nothing written; written
+    when a lab manager accepts both directions, which the file records. (Refused with none
+    accepted: the rendered station's test below.)"""
     from training.labs import RPI_MICRONS_PER_PIXEL
 
     scale = ("--microns-per-pixel", str(RPI_MICRONS_PER_PIXEL), "--json")
@@ -183,26 +185,27 @@ def test_adapt_wbc_refuses_a_swapped_typing_of_a_real_lab_unless_a_lab_manager_a
     assert right["confusion"]["monocyte"].get("(review)", 0) > 0, right["confusion"]
     swapped = _rpi_labels(tmp_path, ("neutrophil", "lymphocyte"))
     out2 = tmp_path / "swapped.json"
-    run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale)
+    # one direction accepted is not enough: refused for the other, naming it with its counts
+    run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale,
+               "--accept-disagreement", "neutrophil->lymphocyte", "--by", "AB")
     line = json.loads(run.stdout)
     assert run.returncode == 2 and line["error"]["code"] == "typing_contradicts_head", run.stdout
     assert not out2.exists()
-    keys = {f"{d['typed']}->{d['head']}" for d in line["disagreements"]}
-    assert keys == {"neutrophil->lymphocyte", "lymphocyte->neutrophil"}, line["disagreements"]
-    d = next(d for d in line["disagreements"] if d["typed"] == "neutrophil")
-    assert f"{d['cells']} of {d['of']} cells typed neutrophil the head calls lymphocyte" in line["error"]["message"]
-    assert line["confusion"]["neutrophil"]["lymphocyte"] == d["cells"]
+    (d,) = line["disagreements"]
+    assert (d["typed"], d["head"]) == ("lymphocyte", "neutrophil"), line["disagreements"]
+    assert f"{d['cells']} of {d['of']} cells typed lymphocyte the head calls neutrophil" in line["error"]["message"]
+    assert line["confusion"]["lymphocyte"]["neutrophil"] == d["cells"]
     assert "typed \\ head" in run.stderr and "(review)" in run.stderr
-    # one direction accepted is not enough
-    run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale,
-               "--accept-disagreement", "neutrophil->lymphocyte", "--by", "AB")
-    assert run.returncode == 2 and [x["typed"] for x in json.loads(run.stdout)["disagreements"]] == ["lymphocyte"]
     run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale, "--by", "AB",
                "--accept-disagreement", "neutrophil->lymphocyte", "--accept-disagreement", "lymphocyte->neutrophil")
     assert run.returncode == 0, run.stdout
-    assert sorted(json.loads(run.stdout)["accepted_disagreements"]) == sorted(keys)
+    line = json.loads(run.stdout)
+    assert sorted(line["accepted_disagreements"]) == ["lymphocyte->neutrophil", "neutrophil->lymphocyte"]
     fitted = json.loads(out2.read_text())["fitted"]
-    assert "accepted by a lab manager, AB" in fitted and f"{d['cells']} of {d['of']} cells typed neutrophil" in fitted
+    n = line["confusion"]["neutrophil"]["lymphocyte"]
+    assert "accepted by a lab manager, AB" in fitted, fitted
+    assert re.search(rf"\b{n} of \d+ cells typed neutrophil the head calls lymphocyte", fitted), fitted
+    assert n >= 10, line["confusion"]
 
 
 # -- the station's gallery: rendered fields typed through type_cells ------------------------------
@@ -234,8 +237,8 @@ def _retyped(typed_station, name: str, type_of) -> tuple[Path, list[str]]:  # no
 
 
 def test_a_lab_manager_who_accepts_a_disagreement_signs_it_and_the_means_file_names_them(typed_station):  # noqa: F811
-    """The white cells the head confidently called neutrophil or lymphocyte (4 and 2 of the rendered
-    lab's) typed each as the other in the gallery: refused as swapped. Accepting both directions
+    """The white cells the head confidently called neutrophil or lymphocyte (at least 2 of each in the
+    rendered lab) typed each as the other in the gallery: refused as swapped. Accepting both directions
     takes --by, who accepted, checked as verify_run's verified_by is (a bidi override refused, named
     with its place; a Persian name's zero-width non-joiner kept); --by without an accepted
     disagreement is refused too; nothing is written on a refusal. Accepted and signed: the file's
@@ -243,7 +246,8 @@ def test_a_lab_manager_who_accepts_a_disagreement_signs_it_and_the_means_file_na
     tmp = typed_station[0]
     swap = {"neutrophil": "lymphocyte", "lymphocyte": "neutrophil"}
     config, types = _retyped(typed_station, "swapped", lambda c, head: swap.get(head) if c["label"] == head else None)
-    assert sorted(types) == ["lymphocyte"] * 4 + ["neutrophil"] * 2, types
+    n_lymph, n_neut = types.count("lymphocyte"), types.count("neutrophil")  # typed lymphocyte: the head's neutrophils
+    assert n_lymph >= 2 and n_neut >= 2 and n_lymph + n_neut == len(types), types
     out = tmp / "swapped_wbc.json"
     fit = ("adapt-wbc", "--station", "--config", str(config), "--out", str(out), "--min-cells", "2", "--json")
     accept = ("--accept-disagreement", "neutrophil->lymphocyte", "--accept-disagreement", "lymphocyte->neutrophil")
@@ -268,9 +272,10 @@ def test_a_lab_manager_who_accepts_a_disagreement_signs_it_and_the_means_file_na
         assert sorted(line["accepted_disagreements"]) == ["lymphocyte->neutrophil", "neutrophil->lymphocyte"]
         fitted = json.loads(out.read_text())["fitted"]
         assert f"accepted by a lab manager, {by.strip()} (--accept-disagreement): " in fitted, fitted
-        assert "4 of 4 cells typed lymphocyte the head calls neutrophil" in fitted, fitted
+        assert f"{n_lymph} of {n_lymph} cells typed lymphocyte the head calls neutrophil" in fitted, fitted
     printed = _cli(*fit[:-1], *accept, "--by", "AB").stdout
-    assert "# accepted by AB (--accept-disagreement neutrophil->lymphocyte): 2 of 2 cells typed neutrophil" in printed
+    assert (f"# accepted by AB (--accept-disagreement neutrophil->lymphocyte): {n_neut} of {n_neut} cells typed "
+            "neutrophil") in printed, printed
 
 
 def test_a_refusal_for_the_head_lists_as_kept_only_the_classes_typed_too_few_times(typed_station):  # noqa: F811

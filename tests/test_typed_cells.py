@@ -258,7 +258,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_station):
-    tmp, path, _, _, _, typed, _, test, _ = typed_station
+    tmp, path, feed, _, _, typed, _, test, _ = typed_station
     out = tmp / "station_wbc.json"
     run = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out), "--json")
     assert run.returncode == 0, run.stdout + run.stderr
@@ -266,11 +266,11 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
     assert line["written"] == str(out) and line["typed"] == len(typed) and line["runs"] == 1
     assert set(line["cells_per_class"]) == set(MIX)
     assert line["leave_one_out_accuracy"] > line["head_accuracy"]
-    # the head's calls against the types (adapt_guard): on this lab most sent to review, not held
+    # the head's calls against the types (adapt_guard): on this lab a third or more sent to review, not held
     # against the typing (the typed cells' stored open-set scores beyond the model's thresholds)
     assert {t: sum(row.values()) for t, row in line["confusion"].items()} == {t: sum(c["type"] == t for c in typed)
                                                                              for t in MIX}
-    assert sum(row.get("(review)", 0) for row in line["confusion"].values()) > len(typed) / 2, line["confusion"]
+    assert sum(row.get("(review)", 0) for row in line["confusion"].values()) >= len(typed) / 3, line["confusion"]
     plain = Analyzer.from_models_dir(options=AnalyzerOptions(), warmup=False)
     adapted = Analyzer.from_models_dir(options=AnalyzerOptions(wbc_station_means=out), warmup=False)
     try:
@@ -280,7 +280,8 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
         plain.close()
         adapted.close()
     assert found == found2 >= 10
-    assert right_plain / found < 0.4 and right_adapted / found >= 0.8 and review_adapted / found < 0.2
+    # the head as trained types fewer than 8 in 10 of this lab's cells right, the station's means at least 8
+    assert right_adapted / found >= 0.8 > right_plain / found and review_adapted / found < 0.2
     # too few per class for a mean: refused with its code, nothing written
     out2 = tmp / "none.json"
     few = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out2), "--min-cells", "500")
@@ -288,12 +289,20 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
     per_class = {t: sum(c["type"] == t for c in typed) for t in MIX}
     message = json.loads(few.stdout)["error"]["message"]  # how many each class has, not the CSV's "marks"
     assert all(f"{t} {n}" in message for t, n in per_class.items()) and "marks" not in message, message
-    # a class under --min-cells keeps the head's mean: said, with its count
+    # a class under --min-cells keeps the head's mean: said, with its count (one of its cells untyped
+    # for the while, so that it has fewer than the other)
     fewest, most = min(per_class, key=per_class.get), max(per_class, key=per_class.get)
-    assert per_class[fewest] < per_class[most], per_class
-    some = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out2), "--min-cells", str(per_class[most]))
+    if fewest == most:
+        most = next(t for t in per_class if t != fewest)
+    one = next(c for c in typed if c["type"] == fewest)
+    assert feed.type_cells({"run_id": "run-1", "cells": [{**one, "type": None}]})["removed"] == 1
+    try:
+        some = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out2), "--min-cells",
+                    str(per_class[most]))
+    finally:
+        assert feed.type_cells({"run_id": "run-1", "cells": [one]})["ok"]
     assert some.returncode == 0, some.stdout
-    assert f"keeping the head's mean: {fewest} {per_class[fewest]}\n" in some.stdout, some.stdout
+    assert f"keeping the head's mean: {fewest} {per_class[fewest] - 1}\n" in some.stdout, some.stdout
     bad = _cli("adapt-wbc", "--station", "--out", str(out2))
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_arguments"
     # the scale where calibrate-scale tells it to go, [source], without an [analysis] override: the

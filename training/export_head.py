@@ -78,7 +78,8 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
         head, name="wbc_head", classes=list(PBC_CLASSES), crop=WBC_CROP, arch=state["arch"], temperature=temperature,
         metrics={}, out_dir=out, open_set=open_set, preprocessing=Preprocessing(illumination="flatfield"), tta=views,
         architecture=f"timm {state['arch']} with an in-graph Mahalanobis open-set score; trained from scratch here "
-                     "(PBC + BCCD), fine-tuned on three labs with look randomization",
+                     "(PBC + BCCD), fine-tuned on three labs with look randomization"
+                     + (", then with out-of-focus looks" if defocused else ""),
         training_data={"labs": "PBC (CellaVision, 8 classes, seeded 80/10/10), BCCD (typed single-WBC images, VOC "
                                "split), chula_wbc_rpi (Raspberry Pi station, typed boxes, seeded 70/15/15 by blocks of "
                                "frames)", "recipe": "training.train_wbc (lab-balanced batches, random lab looks, lamp "
