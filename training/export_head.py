@@ -73,7 +73,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
                                     f"{'+'.join(views)} averaged): {json.dumps({k: round(v, 1) for k, v in per_lab_q.items()})}"
                                     if per_lab_q else f"the run's own (train_wbc, {run.name}/open_set.npz)"))
     run_result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
-    defocused = bool(run_result.get("defocus")) or "test_defocus_closed_set" in run_result  # train_wbc --defocus
+    defocused = bool(run_result.get("defocus"))  # train_wbc --defocus
     path = export_classifier(
         head, name="wbc_head", classes=list(PBC_CLASSES), crop=WBC_CROP, arch=state["arch"], temperature=temperature,
         metrics={}, out_dir=out, open_set=open_set, preprocessing=Preprocessing(illumination="flatfield"), tta=views,

@@ -167,10 +167,9 @@ def defocus_look(p_defocus: float = 1.0):
 def defocus_crops(images: np.ndarray, seed: int = 11, illumination: bool = True) -> np.ndarray:
     """`images`' head crops, each through a random lab's look AND out of focus (fixed seed;
     `illumination` as `to_crops`)."""
-    from training.wbc_data import to_crops
+    from training.wbc_data import defocus_crops as crops_out_of_focus
 
-    return to_crops(images, CROP, rng=np.random.default_rng(seed), p_look=1.0, look=defocus_look(1.0),
-                    illumination=illumination)
+    return crops_out_of_focus(images, CROP, seed, illumination, defocus_look(1.0))
 
 
 def with_defocus(fig: dict, logits: np.ndarray, sets: dict, split: str) -> dict:

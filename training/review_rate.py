@@ -24,16 +24,22 @@ from smearscope.service.analysis.records import Box, CellCrop, CellDetection, Ce
 from training.evaluate import wbc_crop_sets
 
 
+def classify_white_crops(head, images) -> list:
+    """The analyzer's WBC classifier (`head`: `Analyzer.wbc_head`) on white-cell crops: its
+    views, temperature, threshold and open-set tests; one HeadResult per crop."""
+    det = CellDetection(kind=CellKind.WBC, box=Box(0, 0, 1, 1), score=1.0)  # the crop is all the head sees
+    return head.classify([CellCrop(det, im) for im in images])
+
+
 def review_rates(models: Path, split: str = "test") -> dict[str, tuple[int, float, float]]:
     """Per lab: (cells, share sent to review, share the open-set tests called atypical)."""
     analyzer = Analyzer.from_models_dir(models, warmup=False)
     head = analyzer.wbc_head
     assert head is not None, "no WBC head in the models folder"
-    det = CellDetection(kind=CellKind.WBC, box=Box(0, 0, 1, 1), score=1.0)  # the crop is all the head sees
     out = {}
     try:
         for lab, (images, _) in wbc_crop_sets(models / "wbc_head.json", split).items():
-            results = head.classify([CellCrop(det, im) for im in images])
+            results = classify_white_crops(head, images)
             review = float(np.mean([r.label == UNIDENTIFIED for r in results])) if results else float("nan")
             atypical = float(np.mean([bool(r.atypical) for r in results])) if results else float("nan")
             out[lab] = (len(results), review, atypical)

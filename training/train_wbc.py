@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.head_data import PBC_CLASSES
-from training.look import DEFAULT_LOOK, LookConfig
+from training.look import LookConfig
 from training.metrics import fit_temperature, per_lab_report, softmax
 from training.train_head import (
     ARCHS,
@@ -191,7 +191,7 @@ def main() -> None:
     logger.info("%s: train %d crops (%s), val %d; lab shares %s", name, len(train.labels),
                 {lab: int((train.labs == lab).sum()) for lab in labs}, len(val.labels), share)
     val_crops = to_crops(val.images)
-    look = LookConfig(p_defocus=args.defocus) if args.defocus > 0 else DEFAULT_LOOK
+    look = LookConfig(p_defocus=args.defocus)  # the default look where 0
     val_defocus = defocus_crops(val.images) if args.defocus > 0 else None
 
     if args.init is not None:

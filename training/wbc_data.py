@@ -168,7 +168,12 @@ def to_crops(contexts: np.ndarray, spec: CropSpec = WBC_CROP, rng: np.random.Gen
     return out
 
 
-def defocus_crops(contexts: np.ndarray, seed: int = 11) -> np.ndarray:
+#: Every crop's look also out of focus (`training.look.fresnel_defocus`).
+OUT_OF_FOCUS = LookConfig(p_defocus=1.0)
+
+
+def defocus_crops(contexts: np.ndarray, spec: CropSpec = WBC_CROP, seed: int = 11, illumination: bool = True,
+                  look: LookConfig = OUT_OF_FOCUS) -> np.ndarray:
     """`contexts`' head crops, each through a random lab's look AND out of focus (fixed seed:
-    the same crops for every head; `training.look.fresnel_defocus`)."""
-    return to_crops(contexts, rng=np.random.default_rng(seed), p_look=1.0, look=LookConfig(p_defocus=1.0))
+    the same crops for every head; `training.look.fresnel_defocus`; `illumination` as `to_crops`)."""
+    return to_crops(contexts, spec, rng=np.random.default_rng(seed), p_look=1.0, look=look, illumination=illumination)

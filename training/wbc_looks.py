@@ -26,9 +26,9 @@ import numpy as np
 
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.pipeline import Analyzer
-from smearscope.service.analysis.records import Box, CellCrop, CellDetection, CellKind
 from training.head_data import PBC_CLASSES
 from training.metrics import per_lab_report
+from training.review_rate import classify_white_crops
 from training.wbc_data import WBC_LABS, defocus_crops, load_contexts, to_crops
 
 SEEDS = (7,)
@@ -53,13 +53,12 @@ def measure(models: Path, crops: dict[str, list[np.ndarray]], labels: dict[str, 
     analyzer = Analyzer.from_models_dir(models, warmup=False)
     head = analyzer.wbc_head
     assert head is not None, f"{models}: no WBC head"
-    det = CellDetection(kind=CellKind.WBC, box=Box(0, 0, 1, 1), score=1.0)  # the crop is all the head sees
     out: dict[str, list[tuple]] = {}
     try:
         for lab, sets in crops.items():
             y = labels[lab]
             for images in sets:
-                results = head.classify([CellCrop(det, im) for im in images])
+                results = classify_white_crops(head, images)
                 own = np.array([PBC_CLASSES.index(head.classes[int(np.argmax(r.probs))]) for r in results])
                 rep = per_lab_report(y, own, np.full(len(y), lab), len(PBC_CLASSES))[lab]
                 review = float(np.mean([r.label == UNIDENTIFIED for r in results]))

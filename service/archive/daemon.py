@@ -170,19 +170,23 @@ class ArchiveDaemon:
             logger.warning("the broker had no session for %s: reports published while the archive was away "
                            "were not kept for it (a broker without persistence, restarted; or the session "
                            "expired); see docs/ARCHIVE.md", self.client_id)
-        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in (REPORT_LEAF, FHIR_LEAF)])
+        client.subscribe([(topic, 1) for topic in self._topics])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list, properties: Any) -> None:
         """The broker's answer to the subscriptions: until it, a report published is not sent to the
         archive (nor kept for it in a new session). A refused one is an ACL without read there."""
-        topics = [f"{self.prefix}/+/{leaf}" for leaf in (REPORT_LEAF, FHIR_LEAF)]
-        refused = [f"{t} ({rc.getName()})" for t, rc in zip(topics, reason_codes) if rc.is_failure]
+        refused = [f"{t} ({rc.getName()})" for t, rc in zip(self._topics, reason_codes) if rc.is_failure]
         if refused:
             logger.error("broker %s refused the archive's subscription to %s: give user %r read access there "
                          "(docs/ARCHIVE.md); those reports are not archived", self.config.mqtt.address,
                          " and ".join(refused), self.config.mqtt.username)
         else:
-            logger.info("subscribed to %s", " and ".join(topics))
+            logger.info("subscribed to %s", " and ".join(self._topics))
+
+    @property
+    def _topics(self) -> list[str]:
+        """What the archive subscribes to, in the order of the broker's answer's reason codes."""
+        return [f"{self.prefix}/+/{leaf}" for leaf in (REPORT_LEAF, FHIR_LEAF)]
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         exc = sys.exc_info()[1]  # paho calls this inside its except clause
