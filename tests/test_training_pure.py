@@ -370,3 +370,46 @@ def test_stored_size_is_a_half_size_decode_doubled_or_none(tmp_path):
                                         for d, full in zip(size, (width, height))), (path, size)
     (tmp_path / "no-image.jpg").write_bytes(b"not an image")
     assert stored_size(tmp_path / "no-image.jpg") is None
+
+
+def test_red_cells_typed_as_nucleated_count_only_confident_red_cell_sized_types():
+    """train_wbc --red-negatives' figure: a red cell the recheck would re-count is one typed
+    lymphocyte or erythroblast, confidently, and not refused by the open-set test."""
+    from training.wbc_negatives import red_as_nucleated
+
+    classes = hd.PBC_CLASSES
+    ly, ne, er = classes.index("lymphocyte"), classes.index("neutrophil"), classes.index("erythroblast")
+    logits = np.zeros((5, len(classes)))
+    logits[0, ly] = 8.0  # confident lymphocyte: counted
+    logits[1, ne] = 8.0  # confident neutrophil: a size the recheck refuses for a red cell
+    logits[2, ly] = 0.5  # lymphocyte below the confidence
+    logits[3, er] = 8.0  # confident erythroblast: counted unless refused
+    logits[4, ly] = 8.0
+    assert red_as_nucleated(logits, classes) == 0.6
+    assert red_as_nucleated(logits, classes, typed=np.array([True, True, True, False, True])) == 0.4
+    assert red_as_nucleated(logits, classes, temperature=20.0) == 0.0  # the temperature flattens them all
+    assert red_as_nucleated(logits[:0], classes) == 0.0
+
+
+def test_red_cell_negatives_rank_a_red_cell_without_pallor_dense_and_skip_white_cells_neighbours():
+    """training.wbc_negatives on a rendered field: pale red cells read about the field's median, one
+    stained through reads denser than the recheck's 1.8; a red box beside a white cell is left out."""
+    import cv2
+
+    from training.data import BoxAnnotation
+    from training.wbc_negatives import _near, interior_ratios
+
+    field = np.full((400, 600, 3), 232, np.uint8)
+    boxes = []
+    for k in range(10):
+        cx, cy = 40 + 55 * k, 100
+        cv2.circle(field, (cx, cy), 18, (175, 150, 205), -1)  # pale pink: haemoglobin absorbs little red
+        boxes.append(BoxAnnotation("rbc", cx - 18, cy - 18, cx + 18, cy + 18))
+    cv2.circle(field, (300, 280), 18, (150, 60, 90), -1)  # stained through: red light absorbed
+    boxes.append(BoxAnnotation("rbc", 282, 262, 318, 298))
+    ratios = interior_ratios(field, 0.2, boxes)
+    assert np.allclose(ratios[:10], 1.0, atol=0.05), ratios
+    assert ratios[10] > 1.8, ratios
+    white = BoxAnnotation("wbc", 100, 100, 160, 160)
+    assert _near(BoxAnnotation("rbc", 160, 150, 190, 180), white)  # centre 15 px off its edge: within half
+    assert not _near(BoxAnnotation("rbc", 200, 150, 230, 180), white)
