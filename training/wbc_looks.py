@@ -11,7 +11,10 @@ trained class, so each is a price), with the crops as stored; drawn through a ra
 AND out of focus (`training.wbc_data.defocus_crops`, seed 11: the rings a slightly defocused
 station shows around a nucleus). The looks stand in for a lab in no dataset. The last column is
 each head's worst figure over the labs and columns, the one train_wbc chooses by (there with out
-of focus as the labs' mean).
+of focus as the labs' mean). A last row per head: the share of annotated red cells
+(`training.wbc_negatives`: BCCD and TXL-PBC, the dense ones the nucleated-cell recheck sends the
+head, and some others) the head types lymphocyte or erythroblast, typed and not atypical: the
+recheck would count each as a white (or nucleated red) cell.
 An earlier head: `git show <commit>:models/wbc_head.json` (and .onnx, .features.npz) into a folder
 of its own, beside copies of the other models.
 """
@@ -25,13 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from smearscope.service.analysis.classify import UNIDENTIFIED
+from smearscope.service.analysis.nucleated import RBC_SIZED_NUCLEATED
 from smearscope.service.analysis.pipeline import Analyzer
 from training.head_data import PBC_CLASSES
 from training.metrics import per_lab_report
 from training.review_rate import classify_white_crops
 from training.wbc_data import WBC_LABS, defocus_crops, load_contexts, to_crops
+from training.wbc_negatives import red_cell_contexts
 
 SEEDS = (7,)
+#: The red-cell negatives' row.
+RED = "red cells"
 
 
 def columns(split: str, seeds: tuple[int, ...]) -> tuple[list[str], dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
@@ -45,20 +52,28 @@ def columns(split: str, seeds: tuple[int, ...]) -> tuple[list[str], dict[str, li
         crops[lab] = [to_crops(images), *(to_crops(images, rng=np.random.default_rng(s), p_look=1.0) for s in seeds),
                       defocus_crops(images)]
         labels[lab] = c.labels[m]
+    red = red_cell_contexts(split)[0]
+    crops[RED] = [to_crops(red), *(to_crops(red, rng=np.random.default_rng(s), p_look=1.0) for s in seeds),
+                  defocus_crops(red)]
     return names, crops, labels
 
 
 def measure(models: Path, crops: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray]) -> dict[str, list[tuple]]:
-    """Per lab, per column: (accuracy, macro-F1, share sent to review)."""
+    """Per lab, per column: (accuracy, macro-F1, share sent to review); for RED, per column: the
+    share typed lymphocyte or erythroblast (what the recheck re-counts)."""
     analyzer = Analyzer.from_models_dir(models, warmup=False)
     head = analyzer.wbc_head
     assert head is not None, f"{models}: no WBC head"
     out: dict[str, list[tuple]] = {}
     try:
         for lab, sets in crops.items():
-            y = labels[lab]
             for images in sets:
                 results = classify_white_crops(head, images)
+                if lab == RED:
+                    out.setdefault(lab, []).append(
+                        (float(np.mean([r.label in RBC_SIZED_NUCLEATED and not r.atypical for r in results])),))
+                    continue
+                y = labels[lab]
                 own = np.array([PBC_CLASSES.index(head.classes[int(np.argmax(r.probs))]) for r in results])
                 rep = per_lab_report(y, own, np.full(len(y), lab), len(PBC_CLASSES))[lab]
                 review = float(np.mean([r.label == UNIDENTIFIED for r in results]))
@@ -76,15 +91,18 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names, crops, labels = columns(args.split, tuple(int(v) for v in args.seeds.split(",")))
-    print(f"{args.split}: accuracy / macro-F1 / sent to review, per lab ({', '.join(f'{k} {len(v)}' for k, v in labels.items())} cells)")
+    print(f"{args.split}: accuracy / macro-F1 / sent to review, per lab ({', '.join(f'{k} {len(v)}' for k, v in labels.items())} "
+          f"cells); {RED} ({len(crops[RED][0])}): share typed lymphocyte or erythroblast")
     print("| models | lab | " + " | ".join(names) + " | worst macro-F1 |")
     print("|---|---|" + "---|" * (len(names) + 1))
     for models in args.models:
         figures = measure(models, crops, labels)
+        red = figures.pop(RED)
         worst = min(f1 for cells in figures.values() for _, f1, _ in cells)
         for i, (lab, cells) in enumerate(figures.items()):
             text = " | ".join(f"{a:.3f} / {f:.3f} / {r:.3f}" for a, f, r in cells)
             print(f"| {models} | {lab} | {text} | {f'{worst:.3f}' if i == 0 else ''} |")
+        print(f"| {models} | {RED} | " + " | ".join(f"{v:.3f}" for (v,) in red) + " | |")
 
 
 if __name__ == "__main__":
