@@ -133,18 +133,6 @@ class Archive:
 
     starts = 0
 
-    def subscribed(self, port: int) -> None:
-        """Until the archive's subscriptions are made (its connection is said before its SUBACK: a
-        report published at once may come before them): a payload that is no JSON, published on the
-        station's report topic until the archive refuses it (refused, so nothing is stored)."""
-        before = self.text().count("refused a message on")
-        with raw_client(port) as client:
-            for _ in range(15):
-                client.publish(f"smearscope/{STATION}/report", b"probe", qos=1).wait_for_publish(10)
-                if wait_until(lambda: self.text().count("refused a message on") > before, 2):
-                    return
-        raise AssertionError(f"the archive never refused the probe: {self.text()[-2000:]}")
-
     def text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 

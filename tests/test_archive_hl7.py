@@ -180,7 +180,6 @@ def test_a_report_whose_times_no_calendar_holds_is_archived_without_hl7_and_bloc
         overflow = a_report("run-2", SPECIMEN, 1_796_000_100.0).model_copy(
             update={"timing_ms": {"run_ms": -1e23}})  # OverflowError: out of range for time_t
         good = a_report("run-3", SPECIMEN, 1_796_000_200.0)
-        archive.subscribed(persistent_broker.port)
         with raw_client(persistent_broker.port) as client:  # as a station publishes (its bundle would fail)
             for report in (eoverflow, overflow, good):
                 client.publish(f"smearscope/{STATION}/report", envelope_of(report), qos=1).wait_for_publish(10)
@@ -329,7 +328,6 @@ def test_a_report_whose_body_names_another_station_than_its_topic_is_refused(
     archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
     try:
         archive.start()
-        archive.subscribed(persistent_broker.port)
         forged = a_report("run-1", SPECIMEN, 1_796_000_000.0).model_copy(update={"station_id": "lab-9"})
         good = a_report("run-2", SPECIMEN, 1_796_000_100.0)
         with raw_client(persistent_broker.port) as client:  # logged in as the station lab-7
@@ -354,7 +352,6 @@ def test_a_report_it_cannot_read_reaches_the_journal_and_the_terminal_escaped(
     odd["body"]["note\x1b[2J\u202e\u2028forged"] = 1  # a key this smearscope does not know
     try:
         archive.start()
-        archive.subscribed(persistent_broker.port)
         with raw_client(persistent_broker.port) as client:
             client.publish(f"smearscope/{STATION}/report", json.dumps(odd).encode(), qos=1).wait_for_publish(10)
         assert wait_until(lambda: indexed(directory) == 1, 30), archive.text()
