@@ -288,6 +288,30 @@ def test_doctor_fails_a_broker_acl_without_the_stations_block(
             assert "station-lab-7 block, lab-7 replaced by lab-8) and reload mosquitto" in acl_line, acl_line
 
 
+@pytest.mark.broker
+def test_doctor_names_the_command_answers_an_acl_listing_a_stations_topics_one_by_one_lacks(
+        tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str],
+        broker_with: Callable[..., MosquittoBroker]) -> None:
+    """A station block that lists the station's topics one by one instead of `<station>/#`: doctor
+    probes under cmd_response/, so without it the FAIL says that grant is what is missing; with it,
+    the same block passes."""
+    leaves = "".join(f"topic write smearscope/lab-7/{leaf}\n" for leaf in ("report", "field", "cells", "status",
+                                                                           "telemetry", "run", "fhir"))
+    login = {"username": "station-lab-7", "password_credential": "mqtt-password"}
+    for grant, status in (("", 1), ("topic write smearscope/lab-7/cmd_response/#\n", 0)):
+        broker = broker_with(users={"station-lab-7": MQTT_USERS["station"]},
+                             acl=f"user station-lab-7\n{leaves}{grant}topic read smearscope/lab-7/cmd/#\n")
+        config = _config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **login)
+        config.write_text(config.read_text().replace('station_id = "doc-1"', 'station_id = "lab-7"'))
+        assert main(["doctor", "--config", str(config), "--no-wait"]) == status
+        (acl_line,) = _lines(capsys.readouterr().out, "broker ACL")
+        if status:
+            assert acl_line.startswith("FAIL  broker ACL"), acl_line
+            assert "must grant write on smearscope/lab-7/cmd_response/# too" in acl_line, acl_line
+        else:
+            assert acl_line == "OK    broker ACL         user 'station-lab-7' may publish under smearscope/lab-7/"
+
+
 def test_doctor_says_the_example_configs_broker_host_is_a_placeholder(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """install-jetson.sh installs config/station.example.toml: its [mqtt] host left as it is, doctor

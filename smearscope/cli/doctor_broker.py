@@ -136,7 +136,9 @@ def _acl_checks(mqtt, who: str, station_id: str | None, code) -> list[Check]:
         return [("FAIL", "broker ACL", (f"{mqtt.address} takes the login of {who} but its ACL refuses what it "
                  f"publishes under {station}/ (Not authorized, 0x87 on {probe}): the station would keep every report "
                  f"in its outbox. Add the station's block to the broker's acl_file (config/mosquitto.acl.example's "
-                 f"station-lab-7 block, lab-7 replaced by {station_id}) and reload mosquitto"))]
+                 f"station-lab-7 block, lab-7 replaced by {station_id}) and reload mosquitto; a block that lists the "
+                 f"station's topics one by one must grant write on {station}/cmd_response/# too (its answers to "
+                 f"commands, where doctor probes)"))]
     if code.is_failure:
         return [("WARN", "broker ACL", (f"{mqtt.address} answered a message on {probe} with {code.getName()} "
                  f"(0x{int(code.value):02x})"))]
