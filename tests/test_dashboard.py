@@ -1997,22 +1997,23 @@ def test_an_ipv6_address_with_its_zone_serves_and_prints_the_zone_as_a_url_write
 
 
 def test_a_port_already_taken_is_said_in_words_with_what_to_do() -> None:
-    """A second dashboard on a port one already serves: exit 2 naming the port and --port, not
-    "[Errno 98] Address already in use"."""
+    """A second dashboard on a port one already serves: exit 69 (EX_UNAVAILABLE, which its unit
+    retries, where a mistake in the command exits 2, which it does not) naming the port and --port,
+    not "[Errno 98] Address already in use"."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "smearscope", "dashboard", "--port", str(port),
                                "--broker", "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 69, proc.stdout + proc.stderr
     assert proc.stderr.strip() == (f"smearscope dashboard: port {port} on 127.0.0.1 is taken (another dashboard, "
                                    "or another server): choose another with --port")
 
 
 def test_a_bind_address_it_cannot_listen_on_is_said_in_words() -> None:
     """`--bind` a name that does not resolve, or an address no interface of this machine has:
-    exit 2 naming --bind and what is wrong, not "[Errno -2] Name or service not known" or
+    exit 69 (the unit retries: the address may come up) naming --bind and what is wrong, not "[Errno -2] Name or service not known" or
     "[Errno 99] Cannot assign requested address"; an IPv6 address written in brackets as in a URL
     ([::1]) serves, as ::1."""
     def start(bind: str) -> subprocess.CompletedProcess[str]:
@@ -2021,11 +2022,11 @@ def test_a_bind_address_it_cannot_listen_on_is_said_in_words() -> None:
                               capture_output=True, text=True, timeout=60, check=False)
 
     proc = start("no-such-host.invalid")
-    assert proc.returncode == 2 and proc.stderr.strip() == (
+    assert proc.returncode == 69 and proc.stderr.strip() == (
         "smearscope dashboard: --bind no-such-host.invalid: no such host here (an address of this machine, "
         "or a name it resolves to one)"), proc.stderr
     proc = start("192.0.2.254")  # TEST-NET-1: no machine's own
-    assert proc.returncode == 2 and proc.stderr.strip() == (
+    assert proc.returncode == 69 and proc.stderr.strip() == (
         "smearscope dashboard: --bind 192.0.2.254: no address of this machine (ip -brief address lists them)"), proc.stderr
     port = free_port()
     proc_served, line = _start_dashboard(port, "[::1]")

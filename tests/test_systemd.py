@@ -252,6 +252,10 @@ def test_the_dashboard_unit_verifies_and_its_exposure_stays_low(tmp_path: Path) 
     assert level is not None and level <= 2.0, stdout[-500:]
     one = {k: v[-1] for k, v in _directives(DASHBOARD_UNIT.read_text()).items()}
     assert one["Service.User"] == "smearscope-dashboard" and one["Service.Restart"] == "on-failure"
+    # a command mistake (2) waits for its mending; a port or address it cannot listen on is retried
+    from smearscope.cli.dashboard import EXIT_CANNOT_LISTEN
+
+    assert one["Service.RestartPreventExitStatus"].split() == ["2"] and EXIT_CANNOT_LISTEN not in (0, 2)
     for key, value in {"ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes",
                        "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
                        "MemoryDenyWriteExecute": "yes", "RestrictNamespaces": "yes"}.items():

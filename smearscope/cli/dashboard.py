@@ -12,6 +12,11 @@ import sys
 logger = logging.getLogger(__name__)
 
 
+#: Sysexits EX_UNAVAILABLE: it cannot listen on the port or address (taken, not up yet); the unit
+#: tries again. A mistake in the command (options, broker URL, password file) exits 2, which it does not.
+EXIT_CANNOT_LISTEN = 69
+
+
 def _password(args: argparse.Namespace) -> str | None:
     """From --password-file, else the systemd credential 'dashboard-mqtt-password' if present. An empty
     one (the file install-dashboard.sh makes, not yet written) is none: the page asks for the password,
@@ -69,18 +74,22 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         settings = DashboardSettings(args.broker, args.topic_prefix, args.username,
                                      _password(args) if args.username else None, hosts,
                                      run_control=args.run_control)
-        server = DashboardServer(settings, args.port, args.bind)
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: CredentialError
-        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        print(f"smearscope dashboard: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = DashboardServer(settings, args.port, args.bind)
+    except OSError as exc:  # a port or address it cannot listen on, which may pass: the unit retries
+        if exc.errno == errno.EADDRINUSE:
             exc = OSError(f"port {args.port} on {args.bind} is taken (another dashboard, or another "
                           "server): choose another with --port")
         elif isinstance(exc, socket.gaierror):  # "[Errno -2] Name or service not known"
             exc = OSError(f"--bind {args.bind}: no such host here (an address of this machine, or a name it "
                           "resolves to one)")
-        elif isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        elif exc.errno == errno.EADDRNOTAVAIL:
             exc = OSError(f"--bind {args.bind}: no address of this machine (ip -brief address lists them)")
         print(f"smearscope dashboard: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_LISTEN
     print(f"smearscope dashboard: {page_url(args.bind, server.port)} (broker {args.broker})", flush=True)
     try:
         server.serve_forever()
