@@ -117,3 +117,63 @@ def test_without_an_installed_unit_the_repositorys_is_compared_and_only_warned_o
     [(status, _, detail)] = unit_path_checks(config, "smearscope.service")
     assert status == "WARN" and f"under {STATION_UNIT} (the repository's; {UNIT_DIR}/smearscope.service is not installed)" \
         in detail, detail
+
+
+def _verdicts(config: Path, unit: Path) -> dict[str, str]:
+    """Config field -> "STATUS why" of each folder the unit would not let the station write ({}: all can)."""
+    return {detail.split(":")[0]: f"{status} {detail.split(' is ', 1)[1].split(' under ')[0]}"
+            for status, _, detail in unit_path_checks(load_config(config), "smearscope.service", unit) if status != "OK"}
+
+
+def test_specifiers_nested_read_only_hidden_and_bound_paths_decide_as_systemd_mounts_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ReadWritePaths=%S/... was never resolved (the folder failed though the unit allows it); a
+    ReadOnlyPaths= or InaccessiblePaths= inside a writable one, and a BindPaths= destination, were not
+    read at all. The deepest path setting over a folder decides."""
+    monkeypatch.setattr("smearscope.cli.doctor_unit_paths.DROPIN_ROOTS", ())
+    unit = _installed(tmp_path)
+    config = _station(tmp_path, Path("/var/lib/lab-inbox"), Path("/var/lib/smearscope/outbox.sqlite3"),
+                      review={"enabled": False})
+    assert _verdicts(config, unit) == {"source.path": "FAIL read-only (ProtectSystem=strict; in no ReadWritePaths= nor "
+                                                      "a directory of the unit's own)"}
+    _dropin(unit, "override.conf", "[Service]\nReadWritePaths=%S/lab-inbox\n")  # %S: the state folder, /var/lib
+    assert _verdicts(config, unit) == {}
+    # a read-only path inside the unit's own state directory: the outbox's folder is no longer writable
+    config = _station(tmp_path, Path("/var/lib/lab-inbox"), Path("/var/lib/smearscope/box/outbox.sqlite3"),
+                      review={"enabled": False})
+    assert _verdicts(config, unit) == {}
+    _dropin(unit, "override.conf", "[Service]\nReadWritePaths=%S/lab-inbox\nReadOnlyPaths=/var/lib/smearscope/box\n")
+    assert _verdicts(config, unit) == {"mqtt.outbox.path": "FAIL read-only (ReadOnlyPaths= or BindReadOnlyPaths= "
+                                                           "names /var/lib/smearscope/box)"}
+    # ... and a writable path deeper than the read-only one is writable again
+    config = _station(tmp_path, Path("/var/lib/lab-inbox/scope-1"), Path("/srv/box/outbox.sqlite3"), review={"enabled": False})
+    _dropin(unit, "override.conf", "[Service]\nReadWritePaths=/srv/box %S/lab-inbox/scope-1\nReadOnlyPaths=%S/lab-inbox\n"
+                                   "InaccessiblePaths=/srv\n")
+    assert _verdicts(config, unit) == {}  # /srv/box is deeper than the hidden /srv
+    _dropin(unit, "override.conf", "[Service]\nReadWritePaths=/srv\nInaccessiblePaths=-/srv/box\n"
+                                   "BindPaths=-/mnt/share:%S/lab-inbox/scope-1:rbind\n")
+    assert _verdicts(config, unit) == {"mqtt.outbox.path": "FAIL hidden (InaccessiblePaths= names /srv/box)"}
+    # a bind's destination read only; a specifier this cannot resolve (%h) names nothing writable
+    _dropin(unit, "override.conf", "[Service]\nReadWritePaths=/srv %h/inbox\nBindReadOnlyPaths=/mnt/share:%S/lab-inbox\n")
+    assert _verdicts(config, unit) == {"source.path": "FAIL read-only (ReadOnlyPaths= or BindReadOnlyPaths= names "
+                                                      "/var/lib/lab-inbox)"}
+
+
+def test_dropins_are_found_in_every_unit_folder_and_the_type_wide_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`systemctl edit` writes /etc/systemd/system/UNIT.d; a package or an admin can also drop one in
+    /run/systemd/system or /usr/lib/systemd/system, or one for every service (service.d): only the first
+    folder was read. One of the same name in an earlier folder hides the later one."""
+    unit = _installed(tmp_path)
+    runtime, vendor = tmp_path / "run" / "systemd" / "system", tmp_path / "usr" / "lib" / "systemd" / "system"
+    monkeypatch.setattr("smearscope.cli.doctor_unit_paths.DROPIN_ROOTS", (unit.parent, runtime, vendor))
+    config = _station(tmp_path, Path("/var/lib/lab-inbox"), Path("/var/lib/smearscope/outbox.sqlite3"),
+                      review={"enabled": False})
+    (vendor / "service.d").mkdir(parents=True)
+    (vendor / "service.d" / "50-inbox.conf").write_text("[Service]\nReadWritePaths=/var/lib/lab-inbox\n")
+    checks = unit_path_checks(load_config(config), "smearscope.service", unit)
+    assert checks == [("OK", "unit paths", f"the folders the config writes are writable under {unit} with 50-inbox.conf")]
+    (runtime / "smearscope.service.d").mkdir(parents=True)  # the same name, an earlier folder: it hides the vendor's
+    (runtime / "smearscope.service.d" / "50-inbox.conf").write_text("[Service]\nPrivateTmp=yes\n")
+    assert _verdicts(config, unit) == {"source.path": "FAIL read-only (ProtectSystem=strict; in no ReadWritePaths= nor "
+                                                      "a directory of the unit's own)"}

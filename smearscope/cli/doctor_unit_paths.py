@@ -4,9 +4,15 @@ systemd unit lets it write.
 From a shell every folder the station's user may write passes doctor; under the unit's
 `ProtectSystem=strict` only the unit's own directories (StateDirectory= and the like) and its
 ReadWritePaths= are writable, so a watched folder or outbox elsewhere stops the station at start
-(exit 78). The unit FILE is read, with its drop-ins (`UNIT.d/*.conf` beside it), not systemctl: the
-installed one (/etc/systemd/system/UNIT, where install-jetson.sh puts it), else the repository's
-systemd/UNIT (said as not installed: a WARN, not a FAIL).
+(exit 78). The unit FILE is read, with its drop-ins, not systemctl: the installed one
+(/etc/systemd/system/UNIT, where install-jetson.sh puts it), else the repository's systemd/UNIT (said
+as not installed: a WARN, not a FAIL). Drop-ins as systemd finds them: `UNIT.d/*.conf` and the
+type-wide `service.d/*.conf` beside the unit and in the other unit folders (`DROPIN_ROOTS`), one of a
+name in a folder earlier in that list hiding the later ones, applied in file-name order. Paths in
+ReadWritePaths=, ReadOnlyPaths=, InaccessiblePaths=, BindPaths= (its destination, writable) and
+BindReadOnlyPaths= count, with the system manager's specifiers (%S, %L, %C, %t, %E, %T, %V, %n, %N,
+%p, %i, %%) resolved; where such settings nest, the deepest path decides, as systemd's mounts do. A
+path with a specifier this cannot resolve (%h: the user's home) is left out.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ Check = tuple[str, str, str]
 
 #: Where install-jetson.sh installs the station's unit, and `systemctl edit` puts its drop-ins.
 UNIT_DIR = Path("/etc/systemd/system")
+#: The system manager's unit folders, in systemd's order (the first hides a drop-in of the same name in
+#: the later ones); the unit file's own folder is searched first.
+DROPIN_ROOTS = (UNIT_DIR, Path("/run/systemd/system"), Path("/usr/local/lib/systemd/system"),
+                Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 #: The repository's units, when doctor runs from a checkout (absent in an installed wheel).
 REPO_UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 #: The fields whose folder the station cannot start without (BLOCKING in service/station/state_access.py).
@@ -42,7 +52,18 @@ class UnitSandbox:
     protect_system: str = "no"
     protect_home: str = "no"
     private_tmp: bool = False
-    read_write: list[Path] = field(default_factory=list)  # ReadWritePaths= and the unit's own directories
+    read_write: list[Path] = field(default_factory=list)  # ReadWritePaths=, BindPaths= and the unit's own directories
+    read_only: list[Path] = field(default_factory=list)  # ReadOnlyPaths=, BindReadOnlyPaths=
+    inaccessible: list[Path] = field(default_factory=list)  # InaccessiblePaths=
+
+    def deepest(self, folder: Path) -> tuple[str, Path] | None:
+        """("rw" | "ro" | "hidden", the setting's path) of the deepest path setting over `folder`."""
+        rules = [(p, mode) for mode, paths in (("rw", self.read_write), ("ro", self.read_only),
+                                               ("hidden", self.inaccessible)) for p in paths if _under(folder, p)]
+        if not rules:
+            return None
+        path, mode = max(rules, key=lambda r: len(os.path.realpath(r[0])))
+        return mode, path
 
 
 def find_unit_file(unit: str, given: Path | None = None) -> tuple[Path | None, bool]:
@@ -71,12 +92,59 @@ def _lines(path: Path) -> list[str]:
     return out + ([pending] if pending else [])
 
 
-def read_sandbox(unit_file: Path) -> UnitSandbox:
+def dropin_files(unit_file: Path, roots: tuple[Path, ...] | None = None) -> list[Path]:
+    """The unit's drop-ins (module doc), in the order systemd applies them."""
+    unit_type = unit_file.suffix.lstrip(".") or "service"
+    found: dict[str, Path] = {}
+    for root in dict.fromkeys((unit_file.parent, *(DROPIN_ROOTS if roots is None else roots))):
+        for folder in (root / f"{unit_file.name}.d", root / f"{unit_type}.d"):
+            for path in sorted(folder.glob("*.conf")) if folder.is_dir() else ():
+                found.setdefault(path.name, path)  # an earlier folder's of the same name hides it
+    return [found[name] for name in sorted(found)]
+
+
+_SPECIFIERS = {"S": "/var/lib", "L": "/var/log", "C": "/var/cache", "t": "/run", "E": "/etc", "T": "/tmp",
+               "V": "/var/tmp", "%": "%"}
+
+
+def resolve_specifiers(value: str, unit_name: str) -> str | None:
+    """`value` with the system manager's specifiers resolved; None where one cannot be (%h, %u...)."""
+    stem = unit_name.rsplit(".", 1)[0]
+    prefix, _, instance = stem.partition("@")
+    known = {**_SPECIFIERS, "n": unit_name, "N": stem, "p": prefix, "i": instance, "I": instance}
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "%" and i + 1 < len(value):
+            if value[i + 1] not in known:
+                return None
+            out.append(known[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+#: Path-list settings: (what they make of a path, whether the word is SRC[:DEST[:OPTIONS]]).
+_PATH_LISTS = {"ReadWritePaths": ("rw", False), "ReadOnlyPaths": ("ro", False), "InaccessiblePaths": ("hidden", False),
+               "BindPaths": ("rw", True), "BindReadOnlyPaths": ("ro", True)}
+
+
+def _seen_path(word: str, bind: bool) -> str:
+    """The path a path-list word makes the unit see: "-" (may be absent) and "+" (under RootDirectory=)
+    dropped; a bind's SRC[:DEST[:OPTIONS]] is its DEST (SRC where none is given)."""
+    word = word.lstrip("-+")
+    if not bind:
+        return word
+    source, _, rest = word.partition(":")
+    return rest.partition(":")[0] or source
+
+
+def read_sandbox(unit_file: Path, roots: tuple[Path, ...] | None = None) -> UnitSandbox:
     """The unit file's [Service] settings, then its drop-ins' in name order, as systemd applies them
     (a list setting given empty is reset)."""
-    dropins = sorted((unit_file.parent / f"{unit_file.name}.d").glob("*.conf"))
-    sandbox = UnitSandbox(files=[unit_file, *dropins])
-    rw: list[str] = []
+    sandbox = UnitSandbox(files=[unit_file, *dropin_files(unit_file, roots)])
+    lists: dict[str, list[str]] = {key: [] for key in _PATH_LISTS}
     own: list[str] = []
     for path in sandbox.files:
         section = ""
@@ -93,14 +161,22 @@ def read_sandbox(unit_file: Path) -> UnitSandbox:
                 sandbox.protect_home = value.lower() or "no"
             elif key == "PrivateTmp":
                 sandbox.private_tmp = value.lower() in ("yes", "true", "1", "on")
-            elif key == "ReadWritePaths":
+            elif key in _PATH_LISTS:
                 words = shlex.split(value)
-                rw = rw + [w.lstrip("-+") for w in words] if words else []
+                lists[key] = lists[key] + [_seen_path(w, _PATH_LISTS[key][1]) for w in words] if words else []
             elif key in _DIRECTORIES:
                 words = shlex.split(value)
                 base = _DIRECTORIES[key]
                 own = own + [f"{base}/{w.split(':')[0]}" for w in words] if words else own
-    sandbox.read_write = [Path(p) for p in (*rw, *own) if p.startswith("/")]
+
+    def paths(values: list[str]) -> list[Path]:
+        resolved = (resolve_specifiers(v, unit_file.name) for v in values)
+        return [Path(v) for v in resolved if v is not None and v.startswith("/")]
+
+    by_mode: dict[str, list[str]] = {"rw": list(own), "ro": [], "hidden": []}
+    for key, (mode, _) in _PATH_LISTS.items():
+        by_mode[mode] += lists[key]
+    sandbox.read_write, sandbox.read_only, sandbox.inaccessible = (paths(by_mode[m]) for m in ("rw", "ro", "hidden"))
     return sandbox
 
 
@@ -131,7 +207,12 @@ def why_not_writable(folder: Path, sandbox: UnitSandbox) -> str | None:
     home = next((h for h in _HOMES if _under(folder, h)), None)
     if home is not None and sandbox.protect_home in ("yes", "true", "tmpfs"):
         return f"hidden (ProtectHome={sandbox.protect_home} hides {home})"
-    allowed = any(_under(folder, top) for top in sandbox.read_write)
+    rule = sandbox.deepest(folder)
+    if rule is not None and rule[0] == "hidden":
+        return f"hidden (InaccessiblePaths= names {rule[1]})"
+    if rule is not None and rule[0] == "ro":
+        return f"read-only (ReadOnlyPaths= or BindReadOnlyPaths= names {rule[1]})"
+    allowed = rule is not None  # the deepest setting over it makes it writable
     if home is not None and sandbox.protect_home == "read-only" and not allowed:
         return "read-only (ProtectHome=read-only; in no ReadWritePaths=)"
     if sandbox.protect_system == "strict":
