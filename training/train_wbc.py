@@ -4,6 +4,7 @@
     python -m training.train_wbc --exclude-lab rpi --minutes 25     # leave-one-lab-out
     python -m training.train_wbc --exclude-class basophil --minutes 25   # leave-one-class-out
     python -m training.train_wbc --init models/wbc_head.onnx --lr 3e-4 --defocus 0.35   # out of focus too
+    python -m training.train_wbc --init models/wbc_head.onnx --lr 3e-4 --defocus 0.35 --red-negatives 0.5
 
 Data: `training.wbc_data` (PBC, BCCD, rpi contexts; every crop drawn through a random lab's
 look, then the analyzer's illumination correction and crop). Batches are balanced across labs
@@ -12,6 +13,10 @@ is the one with the best **worst-lab** validation macro-F1 (labs in training onl
 `--defocus P`, P of the training crops are also drawn out of focus (`training.look.fresnel_defocus`:
 the rings a slightly defocused station shows around a nucleus) and the validation crops of every
 lab out of focus count as one more figure in the worst (the labs' mean macro-F1 out of focus).
+With `--red-negatives W`, each step also draws a quarter batch of annotated red cells
+(`training.wbc_negatives`: what the nucleated-cell recheck sends the head) through the same looks,
+trained toward the uniform distribution with weight W; one minus the share of val red cells typed
+lymphocyte or erythroblast at 0.5 or more joins the worst figure.
 
 Open set (`unidentified` for review): a cell is typed only when the calibrated softmax is
 confident AND its penultimate features lie near a trained class. The second test is the
@@ -164,6 +169,8 @@ def main() -> None:
                     help="warm start from a committed head ONNX (training.recover_head); only where that head "
                          "never saw what the run holds out")
     args = ap.parse_args()
+    if args.outlier_mix > 0 and args.red_negatives > 0:
+        ap.error("--outlier-mix and --red-negatives: one kind of negatives per run")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
