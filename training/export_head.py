@@ -74,18 +74,25 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
                                     if per_lab_q else f"the run's own (train_wbc, {run.name}/open_set.npz)"))
     run_result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
     defocused = bool(run_result.get("defocus"))  # train_wbc --defocus
+    # train_wbc --red-negatives (runs before the key was written carry only its test figure)
+    red_negatives = bool(run_result.get("red_negatives") or "test_red_as_nucleated" in run_result)
     path = export_classifier(
         head, name="wbc_head", classes=list(PBC_CLASSES), crop=WBC_CROP, arch=state["arch"], temperature=temperature,
         metrics={}, out_dir=out, open_set=open_set, preprocessing=Preprocessing(illumination="flatfield"), tta=views,
         architecture=f"timm {state['arch']} with an in-graph Mahalanobis open-set score; trained from scratch here "
                      "(PBC + BCCD), fine-tuned on three labs with look randomization"
-                     + (", then with out-of-focus looks" if defocused else ""),
+                     + (", then with out-of-focus looks" if defocused else "")
+                     + (" and red cells as negatives" if red_negatives else ""),
         training_data={"labs": "PBC (CellaVision, 8 classes, seeded 80/10/10), BCCD (typed single-WBC images, VOC "
                                "split), chula_wbc_rpi (Raspberry Pi station, typed boxes, seeded 70/15/15 by blocks of "
                                "frames)", "recipe": "training.train_wbc (lab-balanced batches, random lab looks, lamp "
                                                     "correction, the analyzer's crops; kept: best worst-lab val macro-F1)"
                                                     + ("; --defocus: crops also out of focus, the labs' val out of "
-                                                       "focus joining the worst" if defocused else ""),
+                                                       "focus joining the worst" if defocused else "")
+                                                    + ("; --red-negatives: annotated BCCD and TXL-PBC red cells "
+                                                       "(training.wbc_negatives) trained toward the uniform "
+                                                       "distribution, val red cells typed lymphocyte or erythroblast "
+                                                       "joining the worst" if red_negatives else ""),
                        "run": str(run), "run_result": run_result, "splits": splits_record()},
         split_hashes=hd.split_manifest())
     # Measure the exported file the way the analyzer runs it.

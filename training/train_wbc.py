@@ -316,6 +316,7 @@ def evaluate_run(model, full, train, val, val_crops, classes, excluded, args, ru
     final = np.where(review, -1, pred)
     known = np.isin(test.labels, np.nonzero(present)[0])
     result = {"name": name, "exclude_lab": args.exclude_lab, "exclude_class": args.exclude_class, "defocus": args.defocus,
+              "red_negatives": getattr(args, "red_negatives", 0.0),
               "temperature": temperature, "ood_threshold": threshold, "min_confidence": min_conf,
               "test_closed_set": per_lab_report(test.labels[known], pred[known], test.labs[known], len(classes)),
               "test_with_review": per_lab_report(test.labels[known], final[known], test.labs[known], len(classes)),
