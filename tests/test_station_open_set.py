@@ -243,12 +243,14 @@ def normal_fields(tmp_path_factory) -> Path:
 def test_calibrate_atypical_prints_a_section_the_station_starts_with(tmp_path):
     """PBC's normal white cells as a station's normal specimens (one CellaVision lab, 0.165 um/px
     by the analyzer's ruler): 50 crops of each mature type. The model's thresholds were set for
-    the worst-matched lab, so this well-matched one gets tighter ones, within its budget."""
+    the worst-matched lab, so this well-matched one gets tighter ones, within its budget (10 %:
+    with the model's own thresholds 7.1 % of these cells go to review at this scale, 3.9 % at
+    PBC's nominal 0.19, where a 5 % budget leaves nothing to tighten)."""
     listing = tmp_path / "normal.txt"
     paths = [p for cls in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
              for p in sorted((DATA / "pbc" / cls).glob("*.jpg"))[:50]]
     listing.write_text("\n".join(map(str, paths)) + "\n")
-    out = _cli("calibrate-atypical", f"@{listing}", "--microns-per-pixel", "0.165", "--budget", "0.05")
+    out = _cli("calibrate-atypical", f"@{listing}", "--microns-per-pixel", "0.165", "--budget", "0.10")
     assert out.returncode == 0, out.stdout + out.stderr
     section = tomllib.loads(out.stdout)["analysis"]["wbc_open_set"]
     assert section["model_sha256"] == _wbc_sha() and "in 250 fields" in section["fitted"]
