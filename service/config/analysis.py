@@ -199,7 +199,9 @@ class AnalysisConfig(StationBaseModel):
         title="A platelet on a cell's outline, or a white cell in pieces, is counted once",
         description="The detector merges its detections per kind, so one object can be counted as a platelet "
         "on a cell's whole outline or as overlapping pieces of one white cell. On: a platelet whose box "
-        "overlaps a red or white cell's by IoU 0.5 or more is dropped; of two counted white cells overlapping "
+        "overlaps a red or white cell's by IoU 0.5 or more is dropped (the cell instead, where its detector "
+        "score is under a quarter of the platelet's: only with thresholds far below the default); of two "
+        "counted white cells overlapping "
         "by IoU 0.3 or more the lower detector score is dropped. On the validation fields distinct platelets "
         "and cells overlapped by 0.28 at most, distinct white cells by 0.17 (models/README.md). Off: both are "
         "counted.",
