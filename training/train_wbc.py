@@ -241,18 +241,17 @@ def main() -> None:
             crops = to_crops(train.images[b], rng=rng, jitter_um=1.0, look=look)
             x = augment(to_tensor(crops), g, 0.1).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train.labels[b]).to(device)
+            negatives, weight = None, 0.0  # crops trained toward the uniform target: unlike every class
             if args.outlier_mix > 0:
-                mixed = centre_swapped(x, y, g)
-                logits = model(torch.cat([x, mixed]) if mixed is not None else x)
-                loss = F.cross_entropy(logits[: len(y)], y, label_smoothing=0.1)
-                if mixed is not None:  # unlike every class: the uniform target's cross-entropy
-                    loss = loss - args.outlier_mix * F.log_softmax(logits[len(y):], 1).mean()
+                negatives, weight = centre_swapped(x, y, g), args.outlier_mix
             elif red_train is not None:
                 rb = rng.integers(0, len(red_train), max(1, args.batch // 4))
                 xr = augment(to_tensor(to_crops(red_train[rb], rng=rng, jitter_um=1.0, look=look)), g, 0.1)
-                logits = model(torch.cat([x, xr.to(device).contiguous(memory_format=torch.channels_last)]))
+                negatives, weight = xr.to(device).contiguous(memory_format=torch.channels_last), args.red_negatives
+            if negatives is not None:
+                logits = model(torch.cat([x, negatives]))
                 loss = (F.cross_entropy(logits[: len(y)], y, label_smoothing=0.1)
-                        - args.red_negatives * F.log_softmax(logits[len(y):], 1).mean())
+                        - weight * F.log_softmax(logits[len(y):], 1).mean())
             else:
                 loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
@@ -316,7 +315,7 @@ def evaluate_run(model, full, train, val, val_crops, classes, excluded, args, ru
     final = np.where(review, -1, pred)
     known = np.isin(test.labels, np.nonzero(present)[0])
     result = {"name": name, "exclude_lab": args.exclude_lab, "exclude_class": args.exclude_class, "defocus": args.defocus,
-              "red_negatives": getattr(args, "red_negatives", 0.0),
+              "red_negatives": args.red_negatives,
               "temperature": temperature, "ood_threshold": threshold, "min_confidence": min_conf,
               "test_closed_set": per_lab_report(test.labels[known], pred[known], test.labs[known], len(classes)),
               "test_with_review": per_lab_report(test.labels[known], final[known], test.labs[known], len(classes)),
@@ -330,7 +329,7 @@ def evaluate_run(model, full, train, val, val_crops, classes, excluded, args, ru
             "typed_as_known_softmax_only": round(float((conf[m] >= min_conf).mean()), 4) if m.any() else None,
             "per_lab": {lab: round(float((final[m & (test.labs == lab)] >= 0).mean()), 4)
                         for lab in sorted(set(test.labs[m].tolist()))}}
-    if getattr(args, "red_negatives", 0) > 0:  # through the open set as the analyzer applies it
+    if args.red_negatives > 0:  # through the open set as the analyzer applies it
         red = to_crops(red_cell_contexts("test")[0])
         rf, rl = features(model, red)
         result["test_red_as_nucleated"] = red_as_nucleated(

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from smearscope.service.analysis.classify import UNIDENTIFIED
-from smearscope.service.analysis.nucleated import RBC_SIZED_NUCLEATED
+from smearscope.service.analysis.nucleated import accepts
 from smearscope.service.analysis.pipeline import Analyzer
+from smearscope.service.analysis.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 from training.head_data import PBC_CLASSES
 from training.metrics import per_lab_report
 from training.review_rate import classify_white_crops
@@ -39,6 +41,8 @@ from training.wbc_negatives import red_cell_contexts
 SEEDS = (7,)
 #: The red-cell negatives' row.
 RED = "red cells"
+#: A red cell's detection as the nucleated-cell recheck judges it: 7.5 um across.
+_RED_CELL = CellDetection(CellKind.RBC, Box(0, 0, 7.5 / CANONICAL_UM_PER_PX, 7.5 / CANONICAL_UM_PER_PX), 1.0)
 
 
 def columns(split: str, seeds: tuple[int, ...]) -> tuple[list[str], dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
@@ -71,7 +75,7 @@ def measure(models: Path, crops: dict[str, list[np.ndarray]], labels: dict[str, 
                 results = classify_white_crops(head, images)
                 if lab == RED:
                     out.setdefault(lab, []).append(
-                        (float(np.mean([r.label in RBC_SIZED_NUCLEATED and not r.atypical for r in results])),))
+                        (float(np.mean([accepts(r, _RED_CELL) for r in results])),))
                     continue
                 y = labels[lab]
                 own = np.array([PBC_CLASSES.index(head.classes[int(np.argmax(r.probs))]) for r in results])

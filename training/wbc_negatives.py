@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from smearscope.service.analysis.illumination import correct_illumination
+from smearscope.service.analysis.illumination import TARGET_WHITE, correct_illumination
 from smearscope.service.analysis.nucleated import RBC_SIZED_NUCLEATED
 from smearscope.service.analysis.scale import (
     resample_factor,
@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 DENSE_RATIO = 1.3
 KEEP_ONE_IN = 4
 MAX_RATIO = 2.4
-_WHITE = 236.0
+#: The white point the lamp correction brings glass to, + 1 (as service.analysis.nucleated reads densities).
+_WHITE = TARGET_WHITE + 1.0
 
 
 def _whole(b: BoxAnnotation, w: int, h: int) -> bool:

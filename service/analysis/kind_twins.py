@@ -56,8 +56,8 @@ def _loser(a: ClassifiedCell, b: ClassifiedCell) -> int:
     ka = _AS[a.detection.kind]
     if ka is not _AS[b.detection.kind]:
         platelet, cell = (a, b) if ka is CellKind.PLATELET else (b, a)
-        platelet_goes = cell.detection.score >= PLATELET_KEPT_OVER * platelet.detection.score
-        return 0 if (platelet is a) == platelet_goes else 1
+        loser = platelet if cell.detection.score >= PLATELET_KEPT_OVER * platelet.detection.score else cell
+        return 0 if loser is a else 1
     return 0 if a.detection.score < b.detection.score else 1
 
 
